@@ -1,0 +1,18 @@
+"""ComfyUI node classes of LCM Nodes (V3 API). Thin shells: all work happens in ``lcm_core``."""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loaders import LCMApplyLoRA, LCMLoadUNet
+from .sampling import LCMImg2Img, LCMSampler
+
+NODE_CLASSES: list[type[io.ComfyNode]] = [LCMLoadUNet, LCMApplyLoRA, LCMSampler, LCMImg2Img]
+
+
+class LCMExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_CLASSES)

@@ -1,0 +1,106 @@
+"""LCM Sampler and LCM Img2Img."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..lcm_core.schedule import MAX_STEPS, STRENGTH_MODES, parse_timesteps
+
+CATEGORY = "sampling/lcm"
+
+
+def _common_inputs() -> list:
+    return [
+        io.Model.Input("model", tooltip="An LCM MODEL: from Load LCM UNet, or any SD1.5/SDXL model after Apply LCM-LoRA."),
+        io.Conditioning.Input("positive", tooltip="The prompt (CLIP Text Encode)."),
+        io.Conditioning.Input(
+            "negative", optional=True,
+            tooltip="Negative prompt, used only for classifier-free guidance (guidance_scale > 1 on a model without a "
+            "guidance embedding). LCM UNets (lcm-sdxl, LCM_Dreamshaper) ignore it: their guidance is built in.",
+        ),
+        io.Latent.Input("latent_image", tooltip="Empty Latent Image for text-to-image; VAE Encode of the input image for img2img."),
+        io.Int.Input(
+            "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+            tooltip="Noise seed. The same seed gives the same image as diffusers with torch.Generator('cpu').manual_seed(seed).",
+        ),
+        io.Int.Input("steps", default=4, min=1, max=MAX_STEPS, tooltip="LCM steps: 2-8 (4 is typical)."),
+        io.Float.Input(
+            "guidance_scale", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+            tooltip="LCM UNet: drives its guidance embedding (8.0 recommended; the negative prompt has no effect). "
+            "LCM-LoRA: <= 1 means no guidance (fastest), 1.0-2.0 is classifier-free guidance with the negative prompt.",
+        ),
+        io.Int.Input(
+            "original_inference_steps", default=50, min=1, max=1000, optional=True,
+            tooltip="Length of the LCM distillation schedule the timesteps are picked from (50 for every public LCM).",
+        ),
+        io.String.Input(
+            "timesteps", default="", optional=True,
+            tooltip="Custom timesteps, descending and comma-separated (e.g. '999, 759, 499, 259'); overrides steps when set.",
+        ),
+        io.Float.Input(
+            "timestep_scaling", default=10.0, min=0.001, max=1000.0, step=0.1, optional=True,
+            tooltip="Consistency boundary-condition scaling (10 for every public LCM).",
+        ),
+    ]
+
+
+class LCMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LCMSampler",
+            display_name="LCM Sampler",
+            category=CATEGORY,
+            description="Text-to-image with a Latent Consistency Model in 2-8 steps, exactly as diffusers' LCM pipelines.",
+            inputs=_common_inputs(),
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, negative=None,
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0) -> io.NodeOutput:
+        from ..lcm_core import comfy_adapter
+
+        out = comfy_adapter.sample(
+            model, positive, negative, latent_image, seed, steps, guidance_scale,
+            original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
+            timestep_scaling=timestep_scaling, from_image=False,
+        )
+        return io.NodeOutput(out)
+
+
+class LCMImg2Img(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LCMImg2Img",
+            display_name="LCM Img2Img",
+            category=CATEGORY,
+            description="Image-to-image with a Latent Consistency Model, with diffusers' strength semantics.",
+            inputs=_common_inputs()
+            + [
+                io.Float.Input(
+                    "strength", default=0.5, min=0.01, max=1.0, step=0.01,
+                    tooltip="How much of the input image is replaced, in (0, 1]: 1.0 ignores it, 0.3 changes it a little.",
+                ),
+                io.Combo.Input(
+                    "strength_mode", options=list(STRENGTH_MODES), default="lcm", optional=True,
+                    tooltip="'lcm': as LatentConsistencyModelImg2ImgPipeline, all steps on a schedule shortened by strength "
+                    "(4 steps at 0.75: 739/559/379/199). 'truncate': as the SD/SDXL img2img pipelines "
+                    "(AutoPipelineForImage2Image), the first steps are dropped (int(steps x strength) steps run).",
+                ),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, strength, negative=None,
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0, strength_mode="lcm") -> io.NodeOutput:
+        from ..lcm_core import comfy_adapter
+
+        out = comfy_adapter.sample(
+            model, positive, negative, latent_image, seed, steps, guidance_scale,
+            original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
+            strength=strength, strength_mode=strength_mode, timestep_scaling=timestep_scaling, from_image=True,
+        )
+        return io.NodeOutput(out)

@@ -1,0 +1,97 @@
+"""Finding, setting up and driving a real ComfyUI v0.8.0 for tests.
+
+ComfyUI is looked for at ``$COMFYUI_PATH``, then above the pack when it sits in ``<ComfyUI>/custom_nodes/``,
+then at ``${XDG_CACHE_HOME:-~/.cache}/lcm-nodes/ComfyUI-v0.8.0`` (cloned there when missing and a network
+is available). Each test session gets its own base directory (models, custom_nodes, output), so nothing is
+written into the ComfyUI tree itself; the pack is linked into that custom_nodes folder as ``lcm_nodes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_TAG = "v0.8.0"
+COMFYUI_COMMIT = "fc0cb10bcbee6e73ed3caf34c27f7bde4559a07f"
+PACK_MODULE = "lcm_nodes"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lcm-nodes" / f"ComfyUI-{COMFYUI_TAG}"
+
+
+def find_comfyui(clone: bool = True) -> tuple[Path | None, str]:
+    """Return (path, how found) or (None, why not)."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        p = Path(env)
+        return (p, "COMFYUI_PATH") if (p / "main.py").is_file() else (None, f"COMFYUI_PATH={env} has no main.py")
+    if REPO.parent.name == "custom_nodes" and (REPO.parent.parent / "main.py").is_file():
+        return REPO.parent.parent, "parent of custom_nodes"
+    cached = cache_dir()
+    if (cached / "main.py").is_file():
+        return cached, "cache"
+    if clone:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(
+            ["git", "clone", "--quiet", "--depth", "1", "--branch", COMFYUI_TAG,
+             "https://github.com/comfyanonymous/ComfyUI", str(cached)],
+            capture_output=True, text=True, timeout=600,
+        )
+        if r.returncode == 0 and (cached / "main.py").is_file():
+            return cached, "cloned"
+        return None, f"no ComfyUI at $COMFYUI_PATH or {cached}, and cloning {COMFYUI_TAG} failed: {r.stderr.strip()[:300]}"
+    return None, f"no ComfyUI at $COMFYUI_PATH or {cached}"
+
+
+def make_base_dir(base: Path) -> Path:
+    """A ComfyUI base directory with the pack linked into custom_nodes."""
+    for sub in ("models/diffusion_models", "models/loras", "models/diffusers", "models/checkpoints", "models/vae",
+                "custom_nodes", "input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_MODULE
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    return base
+
+
+def boot_in_process(comfy_path: Path, base: Path):
+    """Import ComfyUI in this process (CPU mode) and load built-in and custom nodes. Returns the nodes module."""
+    if str(comfy_path) not in sys.path:
+        sys.path.insert(0, str(comfy_path))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.base_directory = str(base)
+    comfy.cli_args.args.disable_all_custom_nodes = False
+    import folder_paths  # noqa: F401  (reads base_directory)
+    import utils.extra_config  # noqa: F401  (ComfyUI needs it before nodes)
+    import comfy.model_management  # noqa: F401
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    return nodes
+
+
+class StubServer:
+    """What PromptExecutor needs of ComfyUI's PromptServer, recording the messages it is sent."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass

@@ -1,0 +1,108 @@
+"""Test configuration: a real ComfyUI (in-process) for the tests marked ``comfy``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_harness import REPO, StubServer, boot_in_process, find_comfyui, make_base_dir  # noqa: E402
+
+# lcm_core is importable on its own; the repo root goes last so ComfyUI's top-level `nodes` module wins.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
+log = logging.getLogger("lcm_nodes.tests")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_COMFY = {"path": None, "why": None}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfy: needs a real ComfyUI v0.8.0")
+    config.addinivalue_line("markers", "slow: long-running (still run in CI)")
+
+
+def _comfy_path():
+    if _COMFY["path"] is None and _COMFY["why"] is None:
+        path, why = find_comfyui(clone=True)
+        _COMFY["path"], _COMFY["why"] = path, why
+        if path is None:
+            line = f"LCM Nodes: ComfyUI tests cannot run: {why}"
+            print("\n" + "!" * 100 + "\n" + line + "\n" + "!" * 100, file=sys.stderr)
+    return _COMFY["path"]
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    return make_base_dir(tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_base):
+    """The ComfyUI `nodes` module, booted in-process on the CPU with this pack loaded."""
+    path = _comfy_path()
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"ComfyUI is required under CI: {_COMFY['why']}")
+        pytest.skip(f"ComfyUI not found: {_COMFY['why']}")
+    nodes = boot_in_process(path, comfy_base)
+    import test_support_nodes
+
+    test_support_nodes.register(nodes)
+    return nodes
+
+
+class Runner:
+    """Runs API-format prompts through ComfyUI's real PromptExecutor."""
+
+    def __init__(self):
+        import execution
+
+        self.server = StubServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+
+    def validate(self, prompt: dict):
+        import asyncio
+
+        import execution
+
+        return asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+
+    def run(self, prompt: dict, outputs: list[str]):
+        """Execute ``prompt`` up to ``outputs``; returns {node_id: output tuple}. Raises on failure with ComfyUI's error."""
+        self.executor.reset()
+        self.server.messages.clear()
+        prompt_id = str(uuid.uuid4())
+        self.executor.execute(prompt, prompt_id, {}, outputs)
+        if not self.executor.success:
+            errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
+            err = errors[0] if errors else {}
+            raise RuntimeError(f"{err.get('exception_type')}: {err.get('exception_message')}")
+        result = {}
+        for node_id in outputs:
+            entry = self.executor.caches.outputs.get(node_id)
+            result[node_id] = entry.outputs if entry is not None else None
+        return result
+
+    def error_of(self, prompt: dict, outputs: list[str]) -> dict:
+        self.executor.reset()
+        self.executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
+        assert not self.executor.success, "the prompt was expected to fail"
+        errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
+        return errors[0]
+
+
+@pytest.fixture(scope="session")
+def runner(comfy):
+    return Runner()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "comfy" in item.fixturenames or "runner" in item.fixturenames:
+            item.add_marker(pytest.mark.comfy)
