@@ -75,7 +75,9 @@ class Runner:
 
     def run(self, prompt: dict, outputs: list[str]):
         """Execute ``prompt`` up to ``outputs``; returns {node_id: output tuple}. Raises on failure with ComfyUI's error."""
-        self.executor.reset()
+        # Keep the output cache between prompts (as a running server does) so loaded models are reused.
+        self.executor.status_messages = []
+        self.executor.success = True
         self.server.messages.clear()
         prompt_id = str(uuid.uuid4())
         self.executor.execute(prompt, prompt_id, {}, outputs)
@@ -90,7 +92,8 @@ class Runner:
         return result
 
     def error_of(self, prompt: dict, outputs: list[str]) -> dict:
-        self.executor.reset()
+        self.executor.status_messages = []
+        self.executor.success = True
         self.executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
         assert not self.executor.success, "the prompt was expected to fail"
         errors = [d for e, d in self.executor.status_messages if e == "execution_error"]

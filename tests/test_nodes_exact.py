@@ -106,3 +106,127 @@ def test_sd15_lcm_unet_txt2img_matches_diffusers(runner, sd15_lcm):
     # the guidance embedding really is in play: another guidance gives another image
     other = run_sampler(runner, "tiny-lcm-sd15.safetensors", "LCMSampler", [[cond, {}]], None, latent, steps=4, guidance_scale=2.0)
     assert (other - ours).abs().max() > 1e-3
+
+
+def test_sd15_lcm_unet_batch2_matches_diffusers(runner, sd15_lcm):
+    cond, _ = sd15_cond()
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    ours = run_sampler(runner, "tiny-lcm-sd15.safetensors", "LCMSampler", [[cond, {}]], None, latent, steps=4, guidance_scale=8.0)
+    ref = diffusers_lcm_sd15(sd15_lcm, cond, None, (2, 4, 8, 8), 8.0, 4, batch=2)
+    assert_close(ours * SD15_SCALE, ref)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3  # two different images, not one repeated
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.5, 0.75, 1.0])
+def test_sd15_lcm_unet_img2img_matches_diffusers(runner, sd15_lcm, strength):
+    cond, _ = sd15_cond()
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))  # raw VAE latent
+    ours = run_sampler(runner, "tiny-lcm-sd15.safetensors", "LCMImg2Img", [[cond, {}]], None, {"samples": init},
+                       steps=4, guidance_scale=8.0, strength=strength)
+    ref = diffusers_lcm_sd15(sd15_lcm, cond, None, init.shape, 8.0, 4, init=init * SD15_SCALE, strength=strength)
+    assert_close(ours * SD15_SCALE, ref)
+
+
+# ---------------------------------------------------------------- SDXL + LCM-LoRA
+
+
+_PIPES: dict = {}
+
+
+def sdxl_pipeline(unet_factory, lora_path, img2img=False):
+    """diffusers' SDXL pipeline with LCMScheduler and the LoRA loaded by load_lora_weights (built once per LoRA)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, LCMScheduler
+
+    key = str(lora_path)
+    if key not in _PIPES:
+        pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet_factory(), scheduler=LCMScheduler())
+        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
+        _PIPES[key] = pipe
+    pipe = _PIPES[key]
+    if img2img:
+        pipe = StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_sdxl(pipe, pos, neg, shape, guidance, steps, init=None, strength=1.0, batch=1):
+    p = conditioning_to_diffusers(pos, shape[2:])
+    n = conditioning_to_diffusers(neg, shape[2:])
+    kw = dict(prompt_embeds=p.prompt_embeds, pooled_prompt_embeds=p.pooled_prompt_embeds,
+              negative_prompt_embeds=n.prompt_embeds, negative_pooled_prompt_embeds=n.pooled_prompt_embeds,
+              num_inference_steps=steps, guidance_scale=guidance, output_type="latent", num_images_per_prompt=batch,
+              generator=torch.Generator("cpu").manual_seed(SEED), height=shape[2] * 8, width=shape[3] * 8)
+    if init is not None:
+        kw.update(image=init, strength=strength)
+    return pipe(**kw).images
+
+
+@pytest.fixture(scope="module", params=["kohya", "peft"])
+def sdxl_lora(request, sdxl, comfy_base):
+    from safetensors.torch import save_file
+
+    name = f"tiny-sdxl-lcm-lora-{request.param}.safetensors"
+    path = comfy_base / "models" / "loras" / name
+    save_file(random_lora(sdxl, request.param, alpha=8.0 if request.param == "kohya" else None), str(path))
+    return request.param, name, path
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_sdxl_lcm_lora_txt2img_matches_diffusers(runner, sdxl, sdxl_lora, guidance):
+    fmt, name, path = sdxl_lora
+    pos, neg = sdxl_cond(8, 8)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    ours = run_sampler(runner, "tiny-sdxl.safetensors", "LCMSampler", pos, neg, latent, lora=name, steps=4, guidance_scale=guidance)
+    pipe = sdxl_pipeline(tiny_sdxl_unet, path)
+    ref = diffusers_sdxl(pipe, pos, neg, (1, 4, 8, 8), guidance, 4)
+    assert_close(ours * SDXL_SCALE, ref)
+    # the LoRA really changed the result
+    plain = run_sampler(runner, "tiny-sdxl.safetensors", "LCMSampler", pos, neg, latent, steps=4, guidance_scale=guidance)
+    assert (plain - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.5, 0.75, 1.0])
+def test_sdxl_lcm_lora_img2img_matches_diffusers(runner, sdxl, sdxl_lora, strength):
+    fmt, name, path = sdxl_lora
+    pos, neg = sdxl_cond(8, 8)
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    ours = run_sampler(runner, "tiny-sdxl.safetensors", "LCMImg2Img", pos, neg, {"samples": init}, lora=name,
+                       steps=4, guidance_scale=1.5, strength=strength, strength_mode="truncate")
+    pipe = sdxl_pipeline(tiny_sdxl_unet, path, img2img=True)
+    ref = diffusers_sdxl(pipe, pos, neg, init.shape, 1.5, 4, init=init * SDXL_SCALE, strength=strength)
+    assert_close(ours * SDXL_SCALE, ref)
+
+
+def test_sdxl_lcm_lora_batch2_matches_diffusers(runner, sdxl, sdxl_lora):
+    fmt, name, path = sdxl_lora
+    pos, neg = sdxl_cond(8, 8)
+    ours = run_sampler(runner, "tiny-sdxl.safetensors", "LCMSampler", pos, neg, {"samples": torch.zeros(2, 4, 8, 8)},
+                       lora=name, steps=4, guidance_scale=1.5)
+    pipe = sdxl_pipeline(tiny_sdxl_unet, path)
+    ref = diffusers_sdxl(pipe, pos, neg, (2, 4, 8, 8), 1.5, 4, batch=2)
+    assert_close(ours * SDXL_SCALE, ref)
+
+
+# ---------------------------------------------------------------- first-class MODEL
+
+
+def test_lcm_unet_model_runs_in_comfy_ksampler(runner, sd15_lcm):
+    from test_support_nodes import stash
+
+    cond, neg = sd15_cond()
+    prompt = {
+        "1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "tiny-lcm-sd15.safetensors", "weight_dtype": "fp32"}},
+        "10": {"class_type": "LCMTestValue", "inputs": {"key": stash([[cond, {}]])}},
+        "11": {"class_type": "LCMTestValue", "inputs": {"key": stash([[neg, {}]])}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 3, "steps": 4, "cfg": 1.0, "sampler_name": "lcm",
+                                                   "scheduler": "sgm_uniform", "positive": ["10", 0], "negative": ["11", 0],
+                                                   "latent_image": ["5", 0], "denoise": 1.0}},
+    }
+    out = runner.run(prompt, ["3"])["3"][0][0]["samples"]
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    # LCM timesteps from the distilled table: KSampler's sigmas land on 999/759/499/259 like LCM Sampler's.
+    ours = run_sampler(runner, "tiny-lcm-sd15.safetensors", "LCMSampler", [[cond, {}]], None, {"samples": torch.zeros(1, 4, 8, 8)},
+                       steps=4, guidance_scale=8.0)
+    assert out.std() > 0.1 and ours.std() > 0.1

@@ -1,0 +1,215 @@
+"""lcm_core against diffusers as the oracle (no ComfyUI needed). Float32 tolerance for scheduler maths: 1e-5."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers import LCMScheduler
+from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import LatentConsistencyModelPipeline
+
+import lcm_core
+from lcm_core import (
+    LCMInputError,
+    NoiseSchedule,
+    boundary_scalings,
+    check_custom_timesteps,
+    conditioning_to_diffusers,
+    consistency_denoise,
+    diffusers_to_conditioning,
+    draw_noise,
+    guidance_embedding,
+    latent_from_diffusers,
+    latent_to_diffusers,
+    lcm_timesteps,
+    parse_timesteps,
+    renoise,
+    truncate_for_strength,
+)
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("original", [50, 20, 100, 1000])
+@pytest.mark.parametrize("strength", [1.0, 0.9, 0.75, 0.5, 0.3, 0.1])
+def test_timesteps_equal_diffusers_for_every_steps_value(original, strength):
+    sched = LCMScheduler()
+    for steps in range(1, 51):
+        try:
+            sched.set_timesteps(steps, original_inference_steps=original, strength=strength)
+            ref = sched.timesteps.tolist()
+        except ValueError:
+            ref = None
+        try:
+            ours = lcm_timesteps(steps, original, strength)
+        except LCMInputError:
+            ours = None
+        assert ours == ref, (steps, original, strength)
+
+
+def test_timesteps_known_values():
+    assert lcm_timesteps(4) == [999, 759, 499, 259]
+    assert lcm_timesteps(4, strength=0.75) == [739, 559, 379, 199]
+    assert lcm_timesteps(4, strength=0.3) == [299, 239, 159, 79]
+
+
+@pytest.mark.parametrize("custom", [[999, 759, 499, 259], [999, 500, 250, 10], [899, 599], [999]])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_custom_timesteps_equal_diffusers(custom, strength):
+    sched = LCMScheduler()
+    sched.set_timesteps(timesteps=custom, strength=strength)
+    assert check_custom_timesteps(custom, strength=strength) == sched.timesteps.tolist()
+
+
+@pytest.mark.parametrize("bad", [[259, 499], [999, 999], [1000, 10], [5, -1], []])
+def test_custom_timesteps_rejected_with_fix(bad):
+    with pytest.raises(LCMInputError) as e:
+        check_custom_timesteps(bad)
+    assert "timesteps" in str(e.value)
+
+
+def test_custom_timesteps_off_schedule_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="lcm_nodes"):
+        check_custom_timesteps([999, 500])
+    assert "not on the LCM distillation schedule" in caplog.text
+
+
+def test_parse_timesteps():
+    assert parse_timesteps(" 999, 759;499 259 ") == [999, 759, 499, 259]
+    assert parse_timesteps("") is None
+    with pytest.raises(LCMInputError, match="'7x'"):
+        parse_timesteps("999, 7x")
+
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.3), (4, 0.5), (4, 1.0), (8, 0.75), (3, 0.34)])
+def test_truncate_matches_sdxl_img2img_get_timesteps(steps, strength):
+    full = lcm_timesteps(steps)
+    init = min(int(steps * strength), steps)
+    assert truncate_for_strength(full, strength) == full[steps - init:]
+
+
+def test_truncate_to_zero_steps_is_an_error():
+    with pytest.raises(LCMInputError, match="strength_mode 'lcm'"):
+        truncate_for_strength(lcm_timesteps(2), 0.3)
+
+
+def test_alphas_cumprod_equal_diffusers():
+    assert torch.equal(NoiseSchedule().alphas_cumprod(), LCMScheduler().alphas_cumprod)
+
+
+@pytest.mark.parametrize("scaling", [10.0, 1.0, 3.5])
+def test_boundary_scalings_equal_diffusers(scaling):
+    sched = LCMScheduler(timestep_scaling=scaling)
+    for t in [0, 1, 19, 259, 499, 999]:
+        ref = sched.get_scalings_for_boundary_condition_discrete(t)
+        ours = boundary_scalings(t, scaling)
+        assert abs(ours[0] - ref[0]) <= TOL and abs(ours[1] - ref[1]) <= TOL
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_consistency_step_equals_scheduler_step(steps):
+    """Our denoise + renoise reproduce LCMScheduler.step on random inputs, step by step."""
+    sched = LCMScheduler()
+    sched.set_timesteps(steps)
+    acp = NoiseSchedule().alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    ts = sched.timesteps.tolist()
+    noise = draw_noise(99, tuple(sample.shape), steps)
+    gen = torch.Generator("cpu").manual_seed(99)
+    torch.randn(sample.shape, generator=gen)  # the pipeline's initial draw comes first
+    ours = sample.clone()
+    ref = sample.clone()
+    for i, t in enumerate(ts):
+        eps = torch.randn(sample.shape, generator=g)
+        ref, ref_denoised = sched.step(eps, t, ref, generator=gen, return_dict=False)
+        denoised = consistency_denoise(ours, eps, t, acp[t])
+        assert (denoised - ref_denoised).abs().max() <= TOL
+        ours = renoise(denoised, noise.steps[i], acp[ts[i + 1]]) if i + 1 < len(ts) else denoised
+        assert (ours - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("dim", [256, 255, 64])
+@pytest.mark.parametrize("scale", [1.0, 2.0, 8.0, 8.5])
+def test_guidance_embedding_equals_diffusers(dim, scale):
+    w = torch.tensor([scale - 1.0, scale - 1.0])
+    ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+    ours = guidance_embedding(w, dim)
+    assert ours.shape == ref.shape == (2, dim)
+    assert (ours - ref).abs().max() <= TOL
+
+
+def test_guided_time_embedding_equals_diffusers_timestep_embedding():
+    from diffusers.models.embeddings import TimestepEmbedding
+
+    torch.manual_seed(0)
+    ref = TimestepEmbedding(32, 64, cond_proj_dim=16)
+    seq = torch.nn.Sequential(ref.linear_1, torch.nn.SiLU(), ref.linear_2)
+    ours = lcm_core.GuidedTimeEmbedding(seq, ref.cond_proj)
+    t_emb, cond = torch.randn(3, 32), guidance_embedding(torch.tensor([7.0]), 16)
+    ours.condition = cond
+    assert (ours(t_emb) - ref(t_emb, condition=cond.expand(3, -1))).abs().max() <= TOL
+    ours.condition = None
+    assert (ours(t_emb) - ref(t_emb)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("shape,steps", [((1, 4, 8, 8), 4), ((2, 4, 16, 12), 6), ((1, 4, 8, 8), 1)])
+def test_noise_stream_equals_diffusers_generator_draws(shape, steps):
+    """Same numbers, in the same order, as randn_tensor with the pipeline's CPU generator."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    gen = torch.Generator("cpu").manual_seed(42)
+    ref_initial = randn_tensor(shape, generator=gen, dtype=torch.float32)
+    ref_steps = [randn_tensor(shape, generator=gen, dtype=torch.float32) for _ in range(steps - 1)]
+    ours = draw_noise(42, shape, steps)
+    assert torch.equal(ours.initial, ref_initial)
+    assert len(ours.steps) == steps - 1
+    for a, b in zip(ours.steps, ref_steps):
+        assert torch.equal(a, b)
+
+
+def test_noise_is_independent_of_global_rng():
+    torch.manual_seed(1)
+    a = draw_noise(5, (1, 4, 8, 8), 3)
+    torch.manual_seed(2)
+    torch.randn(100)
+    b = draw_noise(5, (1, 4, 8, 8), 3)
+    assert torch.equal(a.initial, b.initial) and torch.equal(a.steps[1], b.steps[1])
+
+
+@pytest.mark.parametrize("family,factor", [("sd15", 0.18215), ("sdxl", 0.13025)])
+def test_latent_round_trip(family, factor):
+    raw = torch.randn(2, 4, 8, 8)
+    scaled = latent_to_diffusers(raw, lcm_core.LATENT_SCALE_FACTORS[family])
+    assert torch.allclose(scaled, raw * factor)
+    assert torch.allclose(latent_from_diffusers(scaled, factor), raw, atol=1e-6)
+
+
+def test_sd15_conditioning_both_ways():
+    emb = torch.randn(2, 77, 768)
+    d = conditioning_to_diffusers([[emb, {}]])
+    assert d.prompt_embeds is emb and d.pooled_prompt_embeds is None and d.add_time_ids is None
+    back = diffusers_to_conditioning(d.prompt_embeds)
+    assert back[0][0] is emb and back[0][1] == {}
+
+
+def test_sdxl_conditioning_both_ways_and_defaults():
+    emb, pooled = torch.randn(1, 77, 2048), torch.randn(1, 1280)
+    ids = torch.tensor([[1024.0, 768.0, 16.0, 8.0, 1024.0, 768.0]])
+    cond = diffusers_to_conditioning(emb, pooled, ids)
+    assert cond[0][1]["height"] == 1024 and cond[0][1]["width"] == 768 and cond[0][1]["crop_h"] == 16
+    d = conditioning_to_diffusers(cond, (128, 96))
+    assert torch.equal(d.add_time_ids, ids) and d.pooled_prompt_embeds is pooled
+    # like ComfyUI: without size keys, the latent size x 8
+    d2 = conditioning_to_diffusers([[emb, {"pooled_output": pooled}]], (16, 12))
+    assert d2.add_time_ids.tolist() == [[128.0, 96.0, 0.0, 0.0, 128.0, 96.0]]
+
+
+def test_lcm_core_imports_no_comfy():
+    import subprocess
+    import sys
+
+    code = "import sys, lcm_core; bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','nodes','folder_paths','comfy_api')]; print(bad); sys.exit(1 if bad else 0)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(__import__('pathlib').Path(lcm_core.__file__).parents[1]), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
