@@ -10,43 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMFYUI_TAG = "v0.8.0"
-COMFYUI_COMMIT = "fc0cb10bcbee6e73ed3caf34c27f7bde4559a07f"
 PACK_MODULE = "lcm_nodes"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lcm-nodes" / f"ComfyUI-{COMFYUI_TAG}"
-
-
-def find_comfyui(clone: bool = True) -> tuple[Path | None, str]:
-    """Return (path, how found) or (None, why not)."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        p = Path(env)
-        return (p, "COMFYUI_PATH") if (p / "main.py").is_file() else (None, f"COMFYUI_PATH={env} has no main.py")
-    if REPO.parent.name == "custom_nodes" and (REPO.parent.parent / "main.py").is_file():
-        return REPO.parent.parent, "parent of custom_nodes"
-    cached = cache_dir()
-    if (cached / "main.py").is_file():
-        return cached, "cache"
-    if clone:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(
-            ["git", "clone", "--quiet", "--depth", "1", "--branch", COMFYUI_TAG,
-             "https://github.com/comfyanonymous/ComfyUI", str(cached)],
-            capture_output=True, text=True, timeout=600,
-        )
-        if r.returncode == 0 and (cached / "main.py").is_file():
-            return cached, "cloned"
-        return None, f"no ComfyUI at $COMFYUI_PATH or {cached}, and cloning {COMFYUI_TAG} failed: {r.stderr.strip()[:300]}"
-    return None, f"no ComfyUI at $COMFYUI_PATH or {cached}"
+sys.path.append(str(REPO))
+from lcm_core.locate import cache_dir, find_comfyui  # noqa: E402,F401
 
 
 def make_base_dir(base: Path) -> Path:

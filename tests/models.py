@@ -107,3 +107,36 @@ def random_lora(unet, fmt: str, rank: int = 4, seed: int = 7, alpha: float | Non
         else:
             raise ValueError(fmt)
     return sd
+
+
+def diffusers_unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet's weights to ComfyUI's ldm layout (needs ComfyUI imported)."""
+    import comfy.utils
+
+    from lcm_core.unet_format import diffusers_unet_layout
+
+    sd = unet.state_dict()
+    key_map = comfy.utils.unet_to_diffusers(diffusers_unet_layout(sd).comfy_unet_config())
+    return {key_map[k]: v for k, v in sd.items() if k in key_map}
+
+
+def tiny_sd15_checkpoint(path: Path, seed: int = 21) -> Path:
+    """An SD1.5-family checkpoint ComfyUI's CheckpointLoaderSimple loads: tiny UNet, full-shape CLIP-L and VAE (random)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in diffusers_unet_to_ldm(tiny_sd15_unet(time_cond_proj_dim=None, seed=seed)).items():
+        sd["model.diffusion_model." + k] = v
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu"))
+    for k, v in clip.state_dict().items():
+        sd["cond_stage_model.transformer." + k] = v
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+    for k, v in vae.state_dict().items():
+        sd["first_stage_model." + k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(path))
+    return path
