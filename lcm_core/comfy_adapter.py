@@ -30,6 +30,7 @@ import comfy.utils
 import latent_preview
 
 from .errors import LCMInputError, LCMLoRAError, LCMModelError
+from .fastpath import GraphCache, weights_fingerprint
 from .guidance import GuidedTimeEmbedding, guidance_embedding, guidance_w
 from .lora import group_lora_modules, module_name_candidates
 from .noise import NoiseStream, check_seed, draw_noise
@@ -175,11 +176,11 @@ def _guidance_wrapper(executor, x, timesteps, context, y, control, transformer_o
     if time_embed is None or not hasattr(time_embed, "cond_proj"):
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     w = torch.tensor([guidance_w(float(scale))])
-    time_embed.condition = guidance_embedding(w, time_embed.cond_dim).to(x.device)
+    time_embed.set_condition(guidance_embedding(w, time_embed.cond_dim).to(x.device))
     try:
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     finally:
-        time_embed.condition = None
+        time_embed.set_condition(None)
 
 
 def has_guidance_embedding(model) -> bool:
@@ -264,8 +265,13 @@ def load_lcm_unet(path: str, weight_dtype: str = "default", default_guidance: fl
     if weight_dtype not in WEIGHT_DTYPES:
         raise LCMInputError(f"weight_dtype={weight_dtype!r} is not one of {list(WEIGHT_DTYPES)}.")
     weights_path, config_path = resolve_unet_files(path)
-    name = os.path.basename(path.rstrip(os.sep))
     sd, _ = load_safetensors(weights_path, "UNet")
+    return load_lcm_unet_state_dict(sd, os.path.basename(path.rstrip(os.sep)), weight_dtype, default_guidance, config_path)
+
+
+def load_lcm_unet_state_dict(sd: dict, name: str, weight_dtype: str = "default",
+                             default_guidance: float = DEFAULT_LCM_GUIDANCE, config_path: str | None = None):
+    """:func:`load_lcm_unet` for weights already in memory (``sd`` is consumed)."""
     kind = classify_state_dict(sd.keys())
     cond_weight = None
     if kind == "diffusers_unet":
@@ -475,6 +481,7 @@ def _lcm_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
         x = model.latent_image.to(x) + initial * sigmas[0]
     else:  # diffusers: pure noise, whatever the first timestep
         x = initial * (sigmas[0] ** 2 + 1.0) ** 0.5
+    step_noise = [z.to(x, non_blocking=True) for z in plan.noise.steps]  # one upload, no per-step host copies
     s_in = x.new_ones([x.shape[0]])
     for i in range(n):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -482,10 +489,70 @@ def _lcm_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if i + 1 < n:
-            x = denoised + plan.noise.steps[i].to(x) * sigmas[i + 1]
+            x = denoised + step_noise[i] * sigmas[i + 1]
         else:
             x = denoised
     return x
+
+
+FAST_WRAPPER_KEY = "lcm_nodes_cuda_graph"
+GRAPH_CACHE_ATTR = "_lcm_nodes_graph_cache"
+
+
+def graph_cache_of(model) -> GraphCache:
+    """The CUDA-graph cache of a MODEL's underlying network (shared by its clones, dropped on unload)."""
+    cache = getattr(model.model, GRAPH_CACHE_ATTR, None)
+    if cache is None:
+        cache = GraphCache()
+        setattr(model.model, GRAPH_CACHE_ATTR, cache)
+    return cache
+
+
+def release_graphs(model) -> None:
+    """Drop a MODEL's captured graphs and return their memory (also called when ComfyUI unloads it)."""
+    cache = getattr(model.model, GRAPH_CACHE_ATTR, None)
+    if cache is not None and len(cache):
+        cache.clear()
+        comfy.model_management.soft_empty_cache()
+
+
+def _fast_path_blocker(patcher, x, control, transformer_options, kwargs) -> str | None:
+    """Why this forward cannot be captured, or None when it can."""
+    if not x.is_cuda:
+        return "not on a CUDA device"
+    if control is not None:
+        return "a ControlNet is attached"
+    if any(transformer_options.get(k) for k in ("patches", "patches_replace")):
+        return "the model has attention/block patches"
+    if any(v is not None for v in kwargs.values()):
+        return f"extra model inputs {sorted(k for k, v in kwargs.items() if v is not None)}"
+    if getattr(patcher.model, "model_lowvram", False):
+        return "the model is only partly loaded on the GPU (low VRAM)"
+    return None
+
+
+def _make_fast_wrapper(patcher, run_state: dict):
+    """DIFFUSION_MODEL wrapper replaying the UNet forward as a CUDA graph when that is safe."""
+    cache = graph_cache_of(patcher)
+
+    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        blocker = _fast_path_blocker(patcher, x, control, transformer_options, kwargs)
+        if blocker is not None:
+            if not run_state.get("warned"):
+                log.info("LCM fast path off for this run: %s; using the ordinary path.", blocker)
+                run_state["warned"] = True
+            run_state["eager_calls"] = run_state.get("eager_calls", 0) + 1
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        if run_state.get("fingerprint") is None:
+            run_state["fingerprint"] = weights_fingerprint(executor.class_obj)
+
+        def forward(x, timesteps, context, y):
+            return executor(x, timesteps, context, y, control, transformer_options)
+
+        run_state["graph_calls"] = run_state.get("graph_calls", 0) + 1
+        return cache.run(forward, run_state["fingerprint"], {"x": x, "timesteps": timesteps, "context": context, "y": y})
+
+    return wrapper
 
 
 def _check_latent(latent: Any, model) -> torch.Tensor:
@@ -556,13 +623,16 @@ def sample(
     from_image: bool = False,
     timestep_scaling: float = 10.0,
     disable_pbar: bool = False,
+    fast: bool = True,
+    stats: dict | None = None,
 ) -> dict:
     """Run LCM multi-step consistency sampling on a ComfyUI MODEL; returns a new LATENT.
 
     Guidance: with a guidance embedding ``guidance_scale`` feeds it (w = guidance_scale - 1) and the
     negative prompt is not used; otherwise ``guidance_scale > 1`` is classifier-free guidance with
     ``negative`` (zeros when none is connected, as diffusers' SDXL pipeline does), cond and uncond in
-    one batched forward. Noise comes from :func:`~lcm_core.noise.draw_noise`, so a seed reproduces
+    one batched forward. ``fast`` replays the UNet forward as a CUDA graph where that is safe (see
+    :func:`_fast_path_blocker`); ``stats``, when given, receives what the fast path did. Noise comes from :func:`~lcm_core.noise.draw_noise`, so a seed reproduces
     diffusers' pipeline called with ``torch.Generator("cpu").manual_seed(seed)``.
     """
     check_eps_model(model)
@@ -593,6 +663,11 @@ def sample(
     if guided:
         m.model_options.setdefault("transformer_options", {})[GUIDANCE_OPTION] = float(guidance_scale)
 
+    run_state: dict = {}
+    if fast and comfy.model_management.get_torch_device().type == "cuda":
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FAST_WRAPPER_KEY, _make_fast_wrapper(m, run_state))
+        m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, FAST_WRAPPER_KEY, lambda patcher, *a, **k: release_graphs(patcher))
+
     latent_image = comfy.sample.fix_empty_latent_channels(m, samples)
     noise_dtype = m.model_dtype() if m.model_dtype() in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     stream = draw_noise(seed, tuple(latent_image.shape), len(ts), dtype=noise_dtype)
@@ -605,6 +680,10 @@ def sample(
         m, stream.initial, cfg, sampler, sigmas, positive, negative, latent_image,
         noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed,
     )
+    if stats is not None:
+        cache = getattr(m.model, GRAPH_CACHE_ATTR, None)
+        stats.update(run_state, graphs=len(cache) if cache else 0,
+                     capture_seconds=list(cache.capture_seconds) if cache else [], timesteps=list(ts))
     out = latent.copy()
     out.pop("downscale_ratio_spacial", None)
     out["samples"] = out_samples

@@ -62,6 +62,22 @@ class GuidedTimeEmbedding(nn.Sequential):
     def cond_dim(self) -> int:
         return int(self.cond_proj.weight.shape[1])
 
+    def set_condition(self, condition: torch.Tensor | None) -> None:
+        """Set the guidance embedding, copying it into a persistent buffer when shapes allow.
+
+        Keeping one buffer means a CUDA graph captured with the embedding reads the new value on replay.
+        """
+        if condition is None:
+            self.condition = None
+            return
+        buf = getattr(self, "_condition_buffer", None)
+        if buf is None or buf.shape != condition.shape or buf.device != condition.device or buf.dtype != condition.dtype:
+            buf = condition.clone()
+            self._condition_buffer = buf
+        else:
+            buf.copy_(condition)
+        self.condition = buf
+
     def forward(self, t_emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.condition is not None:
             t_emb = t_emb + self.cond_proj(self.condition.to(device=t_emb.device, dtype=t_emb.dtype))

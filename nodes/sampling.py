@@ -41,6 +41,11 @@ def _common_inputs() -> list:
             "timestep_scaling", default=10.0, min=0.001, max=1000.0, step=0.1, optional=True,
             tooltip="Consistency boundary-condition scaling (10 for every public LCM).",
         ),
+        io.Boolean.Input(
+            "fast", default=True, optional=True,
+            tooltip="GPU fast path: replay the UNet as a CUDA graph (same result, much less overhead). It turns itself "
+            "off where that is unsafe (CPU, ControlNet, attention patches, model partly offloaded). Off: ordinary path.",
+        ),
     ]
 
 
@@ -58,13 +63,13 @@ class LCMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, negative=None,
-                original_inference_steps=50, timesteps="", timestep_scaling=10.0) -> io.NodeOutput:
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True) -> io.NodeOutput:
         from ..lcm_core import comfy_adapter
 
         out = comfy_adapter.sample(
             model, positive, negative, latent_image, seed, steps, guidance_scale,
             original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
-            timestep_scaling=timestep_scaling, from_image=False,
+            timestep_scaling=timestep_scaling, from_image=False, fast=fast,
         )
         return io.NodeOutput(out)
 
@@ -95,12 +100,12 @@ class LCMImg2Img(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, strength, negative=None,
-                original_inference_steps=50, timesteps="", timestep_scaling=10.0, strength_mode="lcm") -> io.NodeOutput:
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, strength_mode="lcm") -> io.NodeOutput:
         from ..lcm_core import comfy_adapter
 
         out = comfy_adapter.sample(
             model, positive, negative, latent_image, seed, steps, guidance_scale,
             original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
-            strength=strength, strength_mode=strength_mode, timestep_scaling=timestep_scaling, from_image=True,
+            strength=strength, strength_mode=strength_mode, timestep_scaling=timestep_scaling, from_image=True, fast=fast,
         )
         return io.NodeOutput(out)

@@ -1,0 +1,329 @@
+"""LCM benchmark: this pack's LCM Sampler (fast path on/off) against ComfyUI v0.8.0's native LCM and diffusers.
+
+One run on one GPU: builds full-size SD1.5 (512x512) and SDXL (1024x1024) UNets with random weights (which
+cost the same as real ones), times 4-step sampling to latents and to decoded images at batch 1 and 4
+(median of repeated runs after warm-up), checks that the fast path gives the ordinary path's latents,
+and writes a table, ``RESULTS.md``, ``results.json`` and a bar chart to ``--out``. On a CPU it says so and
+runs a small correctness smoke instead (timings are for GPUs only).
+
+    python bench/bench_lcm.py --comfyui /path/to/ComfyUI-v0.8.0 --out bench/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def boot_comfy(comfy_path: str, cpu: bool):
+    sys.path.insert(0, comfy_path)
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    comfy.cli_args.args.base_directory = tempfile.mkdtemp()
+    import folder_paths  # noqa: F401
+    import utils.extra_config  # noqa: F401
+    import comfy.model_management  # noqa: F401
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    sys.path.append(str(REPO))
+
+
+def timed(fn, reps: int, warmup: int = 2) -> tuple[float, object]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times), out
+
+
+def unet_config(family: str, cond_proj: int | None):
+    if family == "sd15":
+        return dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, time_cond_proj_dim=cond_proj)
+    return dict(sample_size=128, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, time_cond_proj_dim=cond_proj)
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    ms, _ = timed(lambda: a @ b, reps=20, warmup=3)
+    return 2 * n**3 / (ms / 1000) / 1e12
+
+
+def unet_flops(unet, family, batch, h):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, kw = diffusers_inputs(family, batch, h)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, torch.tensor([999], device="cuda"), **kw)
+    return counter.get_total_flops()
+
+
+def diffusers_inputs(family, batch, h, dtype=torch.float16):
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(batch, 4, h, h, device="cuda", dtype=dtype, generator=g)
+    if family == "sd15":
+        return x, {"encoder_hidden_states": torch.randn(batch, 77, 768, device="cuda", dtype=dtype, generator=g)}
+    ids = torch.tensor([[h * 8, h * 8, 0, 0, h * 8, h * 8]] * batch, device="cuda", dtype=dtype)
+    return x, {"encoder_hidden_states": torch.randn(batch, 77, 2048, device="cuda", dtype=dtype, generator=g),
+               "added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280, device="cuda", dtype=dtype, generator=g), "time_ids": ids}}
+
+
+def comfy_conds(family, batch, h):
+    from lcm_core import diffusers_to_conditioning
+
+    g = torch.Generator().manual_seed(1)
+    if family == "sd15":
+        return [[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]]
+    ids = torch.tensor([[h * 8, h * 8, 0, 0, h * 8, h * 8]], dtype=torch.float32)
+    mk = lambda: diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g), ids)  # noqa: E731
+    return mk(), mk()
+
+
+def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1, 4)):
+    import comfy.sample
+    import comfy.sd
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from lcm_core import comfy_adapter
+
+    h = 64 if family == "sd15" else 128
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**unet_config(family, 256)).half().eval()
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            force_upcast=False).half().eval()
+    params = sum(p.numel() for p in unet.parameters())
+    sd_cpu = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+    guided = comfy_adapter.load_lcm_unet_state_dict(dict(sd_cpu), f"{family}-guided", "fp16")
+    plain_sd = {k: v for k, v in sd_cpu.items() if "cond_proj" not in k}
+    plain = comfy_adapter.load_lcm_unet_state_dict(plain_sd, f"{family}", "fp16")
+    comfy_vae = comfy.sd.VAE(sd={k: v.to("cpu") for k, v in vae.state_dict().items()})
+    native = ModelSamplingDiscrete().patch(plain, "lcm", False)[0]
+    # diffusers baseline: the same weights without the guidance projection
+    unet_plain = UNet2DConditionModel(**unet_config(family, None)).half().eval().to("cuda")
+    unet_plain.load_state_dict({k: v for k, v in unet.state_dict().items() if "cond_proj" not in k})
+    pipe_cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if family == "sd15" else {"text_encoder_2": None, "tokenizer_2": None}
+    pipe = pipe_cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet_plain, scheduler=LCMScheduler(), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    flops = unet_flops(unet_plain, family, 1, h)
+    fam = results.setdefault(family, {"params": params, "unet_tflop_per_forward_b1": flops / 1e12, "rows": {}})
+    pos, neg = comfy_conds(family, 1, h)
+    stats_fast: dict = {}
+
+    for batch in batches:
+        latent = {"samples": torch.zeros(batch, 4, h, h)}
+        seed = 42
+
+        def ours(fast, model=plain, guidance=1.0, stats=None):
+            return comfy_adapter.sample(model, pos, neg, latent, seed, STEPS, guidance, fast=fast, disable_pbar=True, stats=stats)["samples"]
+
+        def native_run(cfg=1.0):
+            noise = comfy.sample.prepare_noise(latent["samples"], seed)
+            return comfy.sample.sample(native, noise, STEPS, cfg, "lcm", "sgm_uniform", pos, neg, latent["samples"],
+                                       denoise=1.0, disable_pbar=True, seed=seed)
+
+        def diffusers_run(output_type="latent"):
+            x, kw = diffusers_inputs(family, 1, h)
+            args = dict(prompt_embeds=kw["encoder_hidden_states"], num_inference_steps=STEPS, guidance_scale=1.0,
+                        output_type=output_type, num_images_per_prompt=batch, height=h * 8, width=h * 8,
+                        generator=torch.Generator("cpu").manual_seed(seed))
+            if family == "sdxl":
+                args["pooled_prompt_embeds"] = kw["added_cond_kwargs"]["text_embeds"]
+            with torch.no_grad():
+                return pipe(**args).images
+
+        def decode(lat):
+            return comfy_vae.decode(lat)
+
+        rows = {}
+        with torch.inference_mode():
+            t_fast, lat_fast = timed(lambda: ours(True, stats=stats_fast), reps)
+            t_eager, lat_eager = timed(lambda: ours(False), reps)
+            t_native, _ = timed(native_run, reps)
+            t_fast_dec, _ = timed(lambda: decode(ours(True)), reps)
+            t_eager_dec, _ = timed(lambda: decode(ours(False)), reps)
+            t_native_dec, _ = timed(lambda: decode(native_run()), reps)
+        t_diff, _ = timed(diffusers_run, reps)
+        t_diff_dec, _ = timed(lambda: diffusers_run("pt"), reps)
+        floor = STEPS * flops * batch / (rate * 1e12) * 1000
+        rows.update({
+            "lcm_fast_latents_ms": t_fast, "lcm_ordinary_latents_ms": t_eager, "comfy_native_latents_ms": t_native,
+            "diffusers_latents_ms": t_diff, "lcm_fast_decoded_ms": t_fast_dec, "lcm_ordinary_decoded_ms": t_eager_dec,
+            "comfy_native_decoded_ms": t_native_dec, "diffusers_decoded_ms": t_diff_dec, "flop_floor_latents_ms": floor,
+            "images_per_s_fast": batch / (t_fast_dec / 1000),
+            "fast_vs_ordinary_max_abs_diff": (lat_fast - lat_eager).abs().max().item(),
+        })
+        if batch == 1:
+            with torch.inference_mode():
+                again = ours(False)
+                torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+                other_kernels = ours(False)
+                torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+                t_native15, _ = timed(lambda: native_run(1.5), reps)
+                t_fast15, _ = timed(lambda: ours(True, guidance=1.5), reps)
+                # with the guidance embedding (LCM UNet): fast vs ordinary
+                g_fast = ours(True, model=guided, guidance=8.0)
+                g_eager = ours(False, model=guided, guidance=8.0)
+            rows.update({
+                "eager_vs_eager_max_abs_diff": (again - lat_eager).abs().max().item(),
+                "eager_cudnn_benchmark_toggled_max_abs_diff": (other_kernels - lat_eager).abs().max().item(),
+                "comfy_native_cfg1.5_latents_ms": t_native15, "lcm_fast_cfg1.5_latents_ms": t_fast15,
+                "guided_fast_vs_ordinary_max_abs_diff": (g_fast - g_eager).abs().max().item(),
+                "capture_seconds_first": stats_fast.get("capture_seconds", [None])[0],
+                "captures_total": len(stats_fast.get("capture_seconds", [])),
+                "graph_calls_last_run": stats_fast.get("graph_calls"), "eager_calls_last_run": stats_fast.get("eager_calls", 0),
+            })
+        fam["rows"][f"batch{batch}"] = rows
+        print(family, batch, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows.items()}), flush=True)
+    del pipe, unet, unet_plain, guided, plain, native
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    torch.cuda.empty_cache()
+
+
+def write_reports(results: dict, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# LCM benchmark results", "",
+             f"Card: **{results['card']}**. Software: {results['software']}. Date: {results['date']}. "
+             f"Measured fp16 matmul rate: {results['matmul_tflops']:.0f} TFLOP/s. {STEPS} steps, guidance 1 (no CFG) unless noted; "
+             f"median of {results['reps']} runs after 2 warm-ups; random weights, full-size UNets.", ""]
+    for fam, d in results.items():
+        if not isinstance(d, dict) or "rows" not in d:
+            continue
+        res = "512x512" if fam == "sd15" else "1024x1024"
+        lines += [f"## {fam.upper()} {res} ({d['params'] / 1e9:.2f}B-param UNet, {d['unet_tflop_per_forward_b1']:.2f} TFLOP per forward at batch 1)", "",
+                  "| batch | path | to latents (ms) | to decoded image (ms) |", "|---|---|---|---|"]
+        for bkey, r in d["rows"].items():
+            b = bkey.replace("batch", "")
+            for label, lk, dk in (("LCM Sampler, fast path", "lcm_fast_latents_ms", "lcm_fast_decoded_ms"),
+                                  ("LCM Sampler, fast path off", "lcm_ordinary_latents_ms", "lcm_ordinary_decoded_ms"),
+                                  ("ComfyUI native LCM", "comfy_native_latents_ms", "comfy_native_decoded_ms"),
+                                  ("diffusers + LCMScheduler", "diffusers_latents_ms", "diffusers_decoded_ms")):
+                lines.append(f"| {b} | {label} | {r[lk]:.1f} | {r[dk]:.1f} |")
+            lines.append(f"| {b} | floor (FLOPs / measured matmul rate) | {r['flop_floor_latents_ms']:.1f} | |")
+        r1 = d["rows"].get("batch1", {})
+        if r1:
+            lines += ["", f"- Speed-up to latents, batch 1: {r1['comfy_native_latents_ms'] / r1['lcm_fast_latents_ms']:.2f}x vs ComfyUI native, "
+                      f"{r1['diffusers_latents_ms'] / r1['lcm_fast_latents_ms']:.2f}x vs diffusers; end to end "
+                      f"{r1['comfy_native_decoded_ms'] / r1['lcm_fast_decoded_ms']:.2f}x vs native, {r1['diffusers_decoded_ms'] / r1['lcm_fast_decoded_ms']:.2f}x vs diffusers.",
+                      f"- CFG 1.5 (cond+uncond batched), batch 1, to latents: fast {r1['lcm_fast_cfg1.5_latents_ms']:.1f} ms, native {r1['comfy_native_cfg1.5_latents_ms']:.1f} ms.",
+                      f"- Exactness (fp16 latents, max abs diff): fast vs ordinary {r1['fast_vs_ordinary_max_abs_diff']:.3g}; with guidance embedding {r1['guided_fast_vs_ordinary_max_abs_diff']:.3g}; "
+                      f"ordinary run twice {r1['eager_vs_eager_max_abs_diff']:.3g}; ordinary with cuDNN autotuning toggled {r1['eager_cudnn_benchmark_toggled_max_abs_diff']:.3g}.",
+                      f"- First-call capture cost (warm-up + capture of one forward signature): {r1['capture_seconds_first']:.2f} s, paid once per model, shape and batch while the model stays loaded."]
+            b4 = d["rows"].get("batch4")
+            if b4:
+                lines.append(f"- Batch 4 throughput, fast path, to decoded images: {b4['images_per_s_fast']:.2f} images/s.")
+        lines.append("")
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, fam in zip(axes, ("sd15", "sdxl")):
+            if fam not in results:
+                continue
+            r = results[fam]["rows"]["batch1"]
+            labels = ["LCM fast", "LCM ordinary", "ComfyUI native", "diffusers"]
+            lat = [r["lcm_fast_latents_ms"], r["lcm_ordinary_latents_ms"], r["comfy_native_latents_ms"], r["diffusers_latents_ms"]]
+            dec = [r["lcm_fast_decoded_ms"], r["lcm_ordinary_decoded_ms"], r["comfy_native_decoded_ms"], r["diffusers_decoded_ms"]]
+            xs = range(len(labels))
+            ax.bar([x - 0.2 for x in xs], lat, 0.4, label="to latents")
+            ax.bar([x + 0.2 for x in xs], dec, 0.4, label="to decoded image")
+            ax.set_xticks(list(xs), labels)
+            ax.set_ylabel("ms (lower is better)")
+            ax.set_title(f"{fam.upper()} {'512' if fam == 'sd15' else '1024'}px, 4 steps, batch 1 ({results['card']})")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "chart.png", dpi=110)
+    except ImportError:
+        pass
+
+
+def cpu_smoke(comfy_path: str) -> int:
+    print("No CUDA GPU: timings are for GPUs only. Running a small correctness smoke on the CPU instead.")
+    boot_comfy(comfy_path, cpu=True)
+    from diffusers import UNet2DConditionModel
+
+    from lcm_core import comfy_adapter
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(320,), down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, cross_attention_dim=768,
+                                attention_head_dim=8, time_cond_proj_dim=256)
+    model = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), "smoke", "fp32")
+    pos = [[torch.randn(1, 77, 768), {}]]
+    a = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 4, 8.0, fast=True, disable_pbar=True)["samples"]
+    b = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 4, 8.0, fast=False, disable_pbar=True)["samples"]
+    ok = torch.isfinite(a).all() and torch.equal(a, b)
+    print("smoke:", "ok" if ok else "FAILED", tuple(a.shape))
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", default=None, help="ComfyUI v0.8.0 folder (default: as the tests find it)")
+    p.add_argument("--out", default=str(REPO / "bench" / "out"))
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--families", default="sd15,sdxl")
+    args = p.parse_args(argv)
+    if args.comfyui is None:
+        sys.path.append(str(REPO))
+        from lcm_core.locate import find_comfyui
+
+        args.comfyui = str(find_comfyui()[0])
+    if not torch.cuda.is_available():
+        return cpu_smoke(args.comfyui)
+    boot_comfy(args.comfyui, cpu=False)
+    import diffusers
+
+    results = {"card": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "reps": args.reps,
+               "software": f"PyTorch {torch.__version__}, diffusers {diffusers.__version__}, ComfyUI v0.8.0, Python {platform.python_version()}"}
+    results["matmul_tflops"] = matmul_tflops()
+    print(f"{results['card']}: fp16 matmul {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    for fam in args.families.split(","):
+        bench_family(fam, args.reps, results, results["matmul_tflops"])
+        write_reports(results, Path(args.out))
+    print((Path(args.out) / "RESULTS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
