@@ -555,6 +555,30 @@ def _make_fast_wrapper(patcher, run_state: dict):
     return wrapper
 
 
+SAMPLING_CLONES_ATTR = "_lcm_nodes_sampling_clones"
+
+
+def _sampling_clone(model, timestep_scaling: float, fast: bool):
+    """The patched clone LCM sampling runs on, made once per input MODEL and setting.
+
+    Reusing one clone across prompts matters: ComfyUI treats every new clone as a new model to load and
+    unloads the previous one (moving its weights off the GPU and back), which costs more than 4 LCM steps.
+    The input MODEL itself is never changed; the clones are only remembered beside it.
+    """
+    clones = model.__dict__.setdefault(SAMPLING_CLONES_ATTR, {})
+    key = (timestep_scaling, fast)
+    if key not in clones:
+        m = model.clone()
+        m.add_object_patch("model_sampling", LCMModelSampling(m.model.model_config, timestep_scaling, original_inference_steps=None))
+        run_state: dict = {}
+        if fast and comfy.model_management.get_torch_device().type == "cuda":
+            m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FAST_WRAPPER_KEY, _make_fast_wrapper(m, run_state))
+            m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, FAST_WRAPPER_KEY,
+                                    lambda patcher, *a, **k: release_graphs(patcher))
+        clones[key] = (m, run_state)
+    return clones[key]
+
+
 def _check_latent(latent: Any, model) -> torch.Tensor:
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise LCMInputError("latent_image is not a LATENT ({'samples': tensor}): connect Empty Latent Image or VAE Encode.")
@@ -657,23 +681,19 @@ def sample(
     elif guided:
         log.info("LCM Sampler: the model has a guidance embedding; the negative prompt has no effect.")
 
-    m = model.clone()
-    ms = LCMModelSampling(m.model.model_config, timestep_scaling, original_inference_steps=None)
-    m.add_object_patch("model_sampling", ms)
+    m, run_state = _sampling_clone(model, float(timestep_scaling), bool(fast))
+    run_state.clear()
+    ms = m.object_patches["model_sampling"]
     if guided:
         m.model_options.setdefault("transformer_options", {})[GUIDANCE_OPTION] = float(guidance_scale)
-
-    run_state: dict = {}
-    if fast and comfy.model_management.get_torch_device().type == "cuda":
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FAST_WRAPPER_KEY, _make_fast_wrapper(m, run_state))
-        m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, FAST_WRAPPER_KEY, lambda patcher, *a, **k: release_graphs(patcher))
 
     latent_image = comfy.sample.fix_empty_latent_channels(m, samples)
     noise_dtype = m.model_dtype() if m.model_dtype() in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     stream = draw_noise(seed, tuple(latent_image.shape), len(ts), dtype=noise_dtype)
     stream = NoiseStream(initial=stream.initial.float(), steps=tuple(s.float() for s in stream.steps))
     plan = SamplingPlan(timesteps=tuple(ts), noise=stream, from_image=from_image)
-    sigmas = torch.cat([ms.sigmas[torch.tensor(ts, dtype=torch.long)], ms.sigmas.new_zeros(1)])
+    table = ms.sigmas.detach().float().cpu()
+    sigmas = torch.cat([table[torch.tensor(ts, dtype=torch.long)], table.new_zeros(1)])
     sampler = comfy.samplers.KSAMPLER(_lcm_sampler, extra_options={"plan": plan})
     callback = latent_preview.prepare_callback(m, len(ts))
     out_samples = comfy.sample.sample_custom(
