@@ -516,6 +516,16 @@ def release_graphs(model) -> None:
         comfy.model_management.soft_empty_cache()
 
 
+def _release_if_unloaded(patcher, *args, **kwargs) -> None:
+    """ON_DETACH callback: drop the graphs once the weights have really left the GPU.
+
+    ComfyUI also detaches short-lived clones (and clones it replaces by another clone of the same
+    network) without moving the weights; the graphs stay valid then and are kept.
+    """
+    if not getattr(patcher.model, "model_loaded_weight_memory", 0):
+        release_graphs(patcher)
+
+
 def _fast_path_blocker(patcher, x, control, transformer_options, kwargs) -> str | None:
     """Why this forward cannot be captured, or None when it can."""
     if not x.is_cuda:
@@ -573,8 +583,7 @@ def _sampling_clone(model, timestep_scaling: float, fast: bool):
         run_state: dict = {}
         if fast and comfy.model_management.get_torch_device().type == "cuda":
             m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FAST_WRAPPER_KEY, _make_fast_wrapper(m, run_state))
-            m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, FAST_WRAPPER_KEY,
-                                    lambda patcher, *a, **k: release_graphs(patcher))
+            m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, FAST_WRAPPER_KEY, _release_if_unloaded)
         clones[key] = (m, run_state)
     return clones[key]
 
