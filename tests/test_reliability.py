@@ -1,0 +1,125 @@
+"""Reliability against a real ComfyUI server: cancel, a loaded queue, memory over many prompts, /free.
+
+These share the session's HTTP server (test_http.py's fixture) and its tiny models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lcm_core.runner import ComfyClient, RunnerError
+from test_http import TINY, server  # noqa: F401  (the session's server fixture)
+
+
+def latent_prompt(seed: int, steps: int = 1, size: int = 64, lora: bool = False, timesteps: str = "", prefix: str = "rel") -> dict:
+    """Tiny text-to-latent prompt ending in SaveLatent (no VAE decode, so many prompts stay fast)."""
+    p = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY["ckpt"]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "3": {"class_type": "LCMSampler", "inputs": {"model": ["1", 0], "positive": ["6", 0], "latent_image": ["5", 0], "seed": seed,
+                                                     "steps": steps, "guidance_scale": 8.0, "timesteps": timesteps}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": f"{prefix}/s{seed}"}},
+    }
+    if lora:
+        p["1"] = {"class_type": "LCMApplyLoRA", "inputs": {"model": ["4", 0], "lora_name": TINY["lora"], "strength": 1.0}}
+        p["3"]["inputs"]["guidance_scale"] = 1.0
+    else:
+        p["1"] = {"class_type": "LCMLoadUNet", "inputs": {"unet_name": TINY["unet"], "weight_dtype": "fp32"}}
+    return p
+
+
+def saved_digest(comfy_base: Path, history: dict) -> str:
+    """Hash of the latent tensor a SaveLatent node wrote (the file's metadata names the prompt, so not the bytes)."""
+    from safetensors.torch import load_file
+
+    out = history["outputs"]["9"]["latents"][0]
+    tensor = load_file(str(comfy_base / "output" / out["subfolder"] / out["filename"]))["latent_tensor"]
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def server_process(url: str) -> psutil.Process:
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return psutil.Process(conn.pid)
+    raise RuntimeError("server process not found")
+
+
+def test_interrupt_stops_within_one_step_and_next_prompt_is_unaffected(server, comfy_base):  # noqa: F811
+    client = ComfyClient(server)
+    reference = saved_digest(comfy_base, client.wait(client.queue(latent_prompt(11, steps=2, prefix="ref"))))
+    long = latent_prompt(12, steps=50, size=256, prefix="long")
+    pid = client.queue(long)
+    seen: list[int] = []
+    at_interrupt: list[int] = []
+
+    def on_progress(value, total):
+        seen.append(value)
+        if value >= 2 and not at_interrupt:
+            at_interrupt.append(value)
+            threading.Thread(target=client.interrupt).start()
+
+    with pytest.raises(RunnerError, match="interrupted"):
+        client.wait(pid, on_progress)
+    assert at_interrupt, "never saw progress"
+    assert max(seen) <= at_interrupt[0] + 1, f"interrupted at step {at_interrupt[0]} but ran to {max(seen)}"
+    assert max(seen) < 50
+    again = saved_digest(comfy_base, client.wait(client.queue(latent_prompt(11, steps=2, prefix="after"))))
+    assert again == reference
+
+
+@pytest.mark.slow
+def test_200_queued_prompts_complete_and_a_bad_one_fails_alone(server, comfy_base):  # noqa: F811
+    client = ComfyClient(server, timeout=900)
+    ids = []
+    for i in range(200):
+        bad = i == 100
+        ids.append((i, client.queue(latent_prompt(i % 50, timesteps="259, 999" if bad else "", prefix=f"load{i}"))))
+    assert len({pid for _, pid in ids}) == 200  # none duplicated
+    deadline = time.monotonic() + 900
+    results = {}
+    while len(results) < 200 and time.monotonic() < deadline:
+        for i, pid in ids:
+            if i not in results:
+                h = client.history(pid)
+                if h is not None and h.get("status", {}).get("completed") is not None:
+                    results[i] = h
+        time.sleep(0.5)
+    assert len(results) == 200, f"only {len(results)} of 200 finished"
+    failed = [i for i, h in results.items() if h["status"]["status_str"] != "success"]
+    assert failed == [100]
+    msgs = [d for e, d in results[100]["status"]["messages"] if e == "execution_error"]
+    assert "strictly descending" in msgs[0]["exception_message"]
+    by_seed: dict[int, set] = {}
+    for i, h in results.items():
+        if i != 100:
+            by_seed.setdefault(i % 50, set()).add(saved_digest(comfy_base, h))
+    assert all(len(d) == 1 for d in by_seed.values())  # the same seed gave the same latent every time
+    assert len({next(iter(d)) for d in by_seed.values()}) == 50  # and different seeds different ones
+
+
+@pytest.mark.slow
+def test_memory_flat_over_50_prompts_alternating_models_and_free(server, comfy_base, capsys):  # noqa: F811
+    client = ComfyClient(server)
+    proc = server_process(server)
+    for i in range(10):  # warm-up: both models loaded once, allocator settled
+        client.wait(client.queue(latent_prompt(1000 + i, lora=bool(i % 2), prefix="memwarm")))
+    base = proc.memory_info().rss
+    for i in range(50):
+        client.wait(client.queue(latent_prompt(2000 + i, lora=bool(i % 2), prefix="mem")))
+    end = proc.memory_info().rss
+    growth = (end - base) / base
+    with capsys.disabled():
+        print(f"\nserver RSS after warm-up {base / 2**20:.0f} MiB, after 50 prompts {end / 2**20:.0f} MiB, growth {growth * 100:.2f}%")
+    assert growth < 0.05
+    client._request("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(2)
+    h = client.wait(client.queue(latent_prompt(3000, prefix="afterfree")))
+    assert h["status"]["status_str"] == "success"
