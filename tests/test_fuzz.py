@@ -1,0 +1,160 @@
+"""Fuzzing (hypothesis): random values and random bytes-as-files give a result or one of the pack's errors.
+
+Never a hang, a process crash, or a bare traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lcm_core
+from lcm_core import LCMError
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+anything = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True, allow_infinity=True),
+                     st.text(max_size=20))
+
+
+@FAST
+@given(steps=anything, original=anything, strength=anything)
+def test_lcm_timesteps_never_fails_badly(steps, original, strength):
+    try:
+        ts = lcm_core.lcm_timesteps(steps, original, strength)
+    except LCMError:
+        return
+    assert 1 <= len(ts) <= 50 and ts == sorted(ts, reverse=True) and all(0 <= t < 1000 for t in ts)
+
+
+@FAST
+@given(ts=st.lists(st.integers(-2000, 2000), max_size=60), strength=st.one_of(st.floats(-1, 2), st.just(float("nan"))))
+def test_custom_timesteps_never_fail_badly(ts, strength):
+    try:
+        out = lcm_core.check_custom_timesteps(ts, strength=strength)
+    except LCMError:
+        return
+    assert out == sorted(out, reverse=True) and len(out) <= len(ts)
+
+
+@FAST
+@given(text=st.text(max_size=80))
+def test_parse_timesteps_never_fails_badly(text):
+    try:
+        out = lcm_core.parse_timesteps(text)
+    except LCMError:
+        return
+    assert out is None or all(isinstance(t, int) for t in out)
+
+
+@FAST
+@given(seed=anything, steps=st.integers(-3, 6))
+def test_noise_never_fails_badly(seed, steps):
+    try:
+        n = lcm_core.draw_noise(seed, (1, 4, 2, 2), steps)
+    except LCMError:
+        return
+    assert len(n.steps) == steps - 1
+
+
+@FAST
+@given(strength=anything)
+def test_check_strength(strength):
+    try:
+        v = lcm_core.check_strength(strength)
+    except LCMError:
+        return
+    assert 0 < v <= 1 and not math.isnan(v)
+
+
+@FAST
+@given(keys=st.dictionaries(st.text(max_size=40), st.integers(1, 3), max_size=20))
+def test_lora_grouping_never_fails_badly(keys):
+    sd = {k: torch.zeros(v, 2) for k, v in keys.items()}
+    try:
+        groups = lcm_core.group_lora_modules(sd)
+    except LCMError:
+        return
+    assert groups.unet or groups.text_encoder
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=4096))
+def test_random_bytes_as_model_file(comfy, tmp_path_factory, data):
+    from lcm_core import comfy_adapter
+
+    path = tmp_path_factory.mktemp("fuzz") / "random.safetensors"
+    path.write_bytes(data)
+    for load in (lambda: comfy_adapter.load_lcm_unet(str(path)), lambda: comfy_adapter.load_safetensors(str(path), "LoRA")):
+        try:
+            load()
+        except LCMError as exc:
+            assert "random.safetensors" in str(exc)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(comfy):
+    from lcm_core import comfy_adapter
+    from models import tiny_sd15_unet
+
+    return comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256, seed=9).state_dict()), "fuzz", "fp32")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.integers(-2, 60), guidance=st.floats(allow_nan=True, allow_infinity=True), strength=st.one_of(st.floats(-1, 2), st.just(float("nan"))),
+       timesteps=st.text(alphabet="0123456789, -x", max_size=15), seed=st.integers(-5, 2**64 + 5),
+       fill=st.sampled_from([0.0, 1.0, float("nan"), float("inf")]), mode=st.sampled_from(["lcm", "truncate", "bogus"]))
+def test_sampler_inputs_fuzz(tiny_model, steps, guidance, strength, timesteps, seed, fill, mode):
+    from lcm_core import comfy_adapter
+
+    pos = [[torch.zeros(1, 77, 768), {}]]
+    latent = {"samples": torch.full((1, 4, 4, 4), fill)}
+    try:
+        out = comfy_adapter.sample(tiny_model, pos, None, latent, seed, steps, guidance, timesteps=lcm_core.parse_timesteps(timesteps),
+                                   strength=strength, strength_mode=mode, from_image=True, disable_pbar=True)
+    except LCMError:
+        return
+    assert out["samples"].shape == (1, 4, 4, 4) and torch.isfinite(out["samples"]).all()
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """Loading the pack opens no socket, writes no file and imports no model code."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"""
+import socket, sys, importlib.util, os
+def no_net(*a, **k): raise AssertionError('network access at import')
+socket.socket.connect = no_net
+socket.create_connection = no_net
+before = set(os.listdir('.'))
+spec = importlib.util.spec_from_file_location('lcm_nodes_pkg', {os.path.join(repo, '__init__.py')!r}, submodule_search_locations=[{repo!r}])
+m = importlib.util.module_from_spec(spec); sys.modules['lcm_nodes_pkg'] = m; spec.loader.exec_module(m)
+assert callable(m.comfy_entrypoint)
+assert set(os.listdir('.')) == before
+heavy = [x for x in ('torch', 'diffusers', 'comfy', 'folder_paths') if x in sys.modules]
+print(heavy)
+assert not heavy, heavy
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_model_names_outside_model_folders_are_refused(comfy):
+    import importlib
+
+    from lcm_core.errors import LCMInputError
+
+    loaders = importlib.import_module("lcm_nodes.nodes.loaders") if "lcm_nodes.nodes.loaders" in sys.modules else None
+    mod = next((m for name, m in sys.modules.items() if name.endswith("nodes.loaders") and hasattr(m, "_safe_name")), loaders)
+    assert mod is not None
+    for bad in ("../x.safetensors", "/abs/x.safetensors", "a/../../x.safetensors", "..\\x.safetensors"):
+        with pytest.raises(Exception) as e:
+            mod._safe_name(bad, "unet_name")
+        assert "leaves ComfyUI's model folders" in str(e.value)
+        assert isinstance(e.value, ValueError)
+    assert LCMInputError
