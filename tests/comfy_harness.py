@@ -9,7 +9,6 @@ written into the ComfyUI tree itself; the pack is linked into that custom_nodes 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 

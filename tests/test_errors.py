@@ -149,8 +149,6 @@ def test_batch_mismatch(runner, files):
 
 def test_inputs_are_not_mutated(runner, files):
     """The MODEL, conditioning and latent a user passes in come back unchanged."""
-    from conftest import Runner  # noqa: F401
-
     lat = {"samples": torch.randn(1, 4, 8, 8)}
     before = lat["samples"].clone()
     pos = [[torch.randn(1, 77, 768), {}]]

@@ -145,16 +145,11 @@ assert not heavy, heavy
 
 
 def test_model_names_outside_model_folders_are_refused(comfy):
-    import importlib
-
-    from lcm_core.errors import LCMInputError
-
-    loaders = importlib.import_module("lcm_nodes.nodes.loaders") if "lcm_nodes.nodes.loaders" in sys.modules else None
-    mod = next((m for name, m in sys.modules.items() if name.endswith("nodes.loaders") and hasattr(m, "_safe_name")), loaders)
+    # ComfyUI imports the pack under a path-derived module name: find its loaders module
+    mod = next((m for name, m in sys.modules.items() if name.endswith("nodes.loaders") and hasattr(m, "_safe_name")), None)
     assert mod is not None
     for bad in ("../x.safetensors", "/abs/x.safetensors", "a/../../x.safetensors", "..\\x.safetensors"):
         with pytest.raises(Exception) as e:
             mod._safe_name(bad, "unet_name")
         assert "leaves ComfyUI's model folders" in str(e.value)
-        assert isinstance(e.value, ValueError)
-    assert LCMInputError
+        assert type(e.value).__name__ == "LCMInputError"

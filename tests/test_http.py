@@ -91,9 +91,7 @@ def test_runner_exits_with_comfy_validation_error(server, tmp_path):
 
 
 def test_runner_exits_with_execution_error(server, tmp_path, comfy_base):
-    # an SD1.5-shaped LoRA on a different layout: fails inside our node, with our message
-    from models import tiny_sdxl_unet  # noqa: F401  (only the error path matters; reuse an existing SDXL-free mismatch)
-
+    # a LoRA whose module names match no layer: passes validation, fails inside our node with our message
     bad = comfy_base / "models" / "loras" / "tiny-bad-rank.safetensors"
     lora = random_lora(tiny_sd15_unet(time_cond_proj_dim=None), "kohya")
     lora = {k.replace("lora_unet_", "lora_unet_zzz_"): v for k, v in lora.items()}
