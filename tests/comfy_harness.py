@@ -9,6 +9,7 @@ written into the ComfyUI tree itself; the pack is linked into that custom_nodes 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def boot_in_process(comfy_path: Path, base: Path):
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    # CPU mode unless a GPU run is asked for (LCM_TEST_GPU=1 on the device machine)
+    comfy.cli_args.args.cpu = os.environ.get("LCM_TEST_GPU") != "1"
     comfy.cli_args.args.base_directory = str(base)
     comfy.cli_args.args.disable_all_custom_nodes = False
     import folder_paths  # noqa: F401  (reads base_directory)

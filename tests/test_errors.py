@@ -166,3 +166,31 @@ def test_inputs_are_not_mutated(runner, files):
     assert torch.equal(lat["samples"], before) and torch.equal(pos[0][0], pos_before)
     assert out["3"][0][0]["samples"].dtype == torch.float32
     assert len(model.patches) == patches_before and "model_sampling" in model.object_patches
+
+
+def test_unet_shape_comfy_cannot_run(runner, files, comfy_base):
+    from diffusers import UNet2DConditionModel
+
+    odd = UNet2DConditionModel(sample_size=8, block_out_channels=(64,), down_block_types=("CrossAttnDownBlock2D",),
+                               up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, cross_attention_dim=512,
+                               attention_head_dim=8, norm_num_groups=32)
+    save_unet(odd, comfy_base / "models" / "diffusion_models" / "err-odd-shape.safetensors")
+    err = load_error(runner, "err-odd-shape.safetensors")
+    assert "does not recognise the shape of UNet 'err-odd-shape.safetensors'" in err["exception_message"]
+
+
+def test_partly_fitting_lora_reports_counts(runner, files, comfy_base):
+    lora = random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=3), "kohya")
+    names = sorted({k.rsplit(".", 2)[0] for k in lora if k.endswith("lora_down.weight")})
+    broken = names[0]
+    lora = {k.replace(broken, broken + "_nowhere"): v for k, v in lora.items()}
+    save_file(lora, str(comfy_base / "models" / "loras" / "err-partial.safetensors"))
+    err = lora_error(runner, "err-sd15.safetensors", "err-partial.safetensors")
+    assert f"{len(names) - 1} of {len(names)} UNet modules fit" in err["exception_message"]
+    prompt = {
+        "1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "err-sd15.safetensors", "weight_dtype": "fp32"}},
+        "2": {"class_type": "LCMApplyLoRA", "inputs": {"model": ["1", 0], "lora_name": "err-partial.safetensors", "strength": 1.0,
+                                                       "allow_partial": True}},
+    }
+    model = runner.run(prompt, ["2"])["2"][0][0]
+    assert len(model.patches) == len(names) - 1  # what fits was applied, and only that
