@@ -181,9 +181,9 @@ def test_sdxl_lcm_lora_txt2img_matches_diffusers(runner, sdxl, sdxl_lora, guidan
     pipe = sdxl_pipeline(tiny_sdxl_unet, path)
     ref = diffusers_sdxl(pipe, pos, neg, (1, 4, 8, 8), guidance, 4)
     assert_close(ours * SDXL_SCALE, ref)
-    # the LoRA really changed the result
-    plain = run_sampler(runner, "tiny-sdxl.safetensors", "LCMSampler", pos, neg, latent, steps=4, guidance_scale=guidance)
-    assert (plain - ours).abs().max() > 1e-3
+    if guidance == 1.0:  # the LoRA really changed the result (checked once per format: a model switch is slow on CPU)
+        plain = run_sampler(runner, "tiny-sdxl.safetensors", "LCMSampler", pos, neg, latent, steps=4, guidance_scale=guidance)
+        assert (plain - ours).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.5, 0.75, 1.0])

@@ -109,7 +109,7 @@ def test_200_queued_prompts_complete_and_a_bad_one_fails_alone(server, comfy_bas
 def test_memory_flat_over_50_prompts_alternating_models_and_free(server, comfy_base, capsys):  # noqa: F811
     client = ComfyClient(server)
     proc = server_process(server)
-    for i in range(10):  # warm-up: both models loaded once, allocator settled
+    for i in range(20):  # warm-up: both models loaded, caches filled and the allocator settled before measuring
         client.wait(client.queue(latent_prompt(1000 + i, lora=bool(i % 2), prefix="memwarm")))
     base = proc.memory_info().rss
     for i in range(50):
