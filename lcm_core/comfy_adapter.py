@@ -9,6 +9,7 @@ The LCM maths itself comes from the ComfyUI-free modules beside it.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import comfy.utils
 import latent_preview
 
 from .errors import LCMInputError, LCMLoRAError, LCMModelError
-from .fastpath import GraphCache, weights_fingerprint
+from .fastpath import GraphCache, WeightsWatch
 from .guidance import GuidedTimeEmbedding, guidance_embedding, guidance_w
 from .lora import group_lora_modules, module_name_candidates
 from .noise import NoiseStream, check_seed, draw_noise
@@ -175,12 +176,28 @@ def _guidance_wrapper(executor, x, timesteps, context, y, control, transformer_o
     scale = transformer_options.get(GUIDANCE_OPTION, DEFAULT_LCM_GUIDANCE)
     if time_embed is None or not hasattr(time_embed, "cond_proj"):
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-    w = torch.tensor([guidance_w(float(scale))])
-    time_embed.set_condition(guidance_embedding(w, time_embed.cond_dim).to(x.device))
+    time_embed.set_condition(_embedding_on(time_embed, float(scale), x.device))
     try:
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     finally:
         time_embed.set_condition(None)
+
+
+def _embedding_on(time_embed, scale: float, device) -> torch.Tensor:
+    """The guidance embedding for ``scale`` on ``device``, computed once and kept beside the UNet.
+
+    Building it on the CPU at every step would cost a host-to-device copy per step, and a copy from
+    ordinary (pageable) host memory makes the CPU wait for all queued GPU work first.
+    """
+    cache = time_embed.__dict__.setdefault("_lcm_nodes_embeddings", {})
+    key = (scale, str(device))
+    emb = cache.get(key)
+    if emb is None:
+        if len(cache) >= 16:
+            cache.clear()
+        emb = guidance_embedding(torch.tensor([guidance_w(scale)]), time_embed.cond_dim).to(device)
+        cache[key] = emb
+    return emb
 
 
 def has_guidance_embedding(model) -> bool:
@@ -482,6 +499,7 @@ def _lcm_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     else:  # diffusers: pure noise, whatever the first timestep
         x = initial * (sigmas[0] ** 2 + 1.0) ** 0.5
     step_noise = [z.to(x, non_blocking=True) for z in plan.noise.steps]  # one upload, no per-step host copies
+    _inputs_to_device(getattr(model, "inner_model", None), x.device)
     s_in = x.new_ones([x.shape[0]])
     for i in range(n):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -493,6 +511,37 @@ def _lcm_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
         else:
             x = denoised
     return x
+
+
+def _inputs_to_device(guider, device: torch.device) -> None:
+    """Move this run's encoded conditioning and the LCM sigma table to the sampling device, once.
+
+    ComfyUI keeps encoded conditioning on the CPU and copies it to the GPU inside every model call; a
+    copy from pageable host memory waits for all queued GPU work, so each step's Python ran while the
+    GPU sat idle. Moved here once, those per-step copies become no-ops and the CPU can queue the next
+    step while the GPU computes this one. Only the guider's own per-run copies are changed (the COND
+    objects are copied, never the user's CONDITIONING); values are unchanged, so results are identical.
+    """
+    if guider is None:
+        return
+    conds = getattr(guider, "conds", None)
+    if isinstance(conds, dict):
+        for entries in conds.values():
+            for entry in entries if isinstance(entries, list) else ():
+                model_conds = entry.get("model_conds") if isinstance(entry, dict) else None
+                if not model_conds:
+                    continue
+                moved = {}
+                for name, cond in model_conds.items():
+                    tensor = getattr(cond, "cond", None)
+                    if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                        cond = copy.copy(cond)
+                        cond.cond = tensor.to(device)
+                    moved[name] = cond
+                entry["model_conds"] = moved
+    model_sampling = getattr(getattr(guider, "inner_model", None), "model_sampling", None)
+    if isinstance(model_sampling, LCMModelSampling) and model_sampling.sigmas.device != device:
+        model_sampling.to(device)  # ours (an object patch of the sampling clone): timestep() then never leaves the GPU
 
 
 FAST_WRAPPER_KEY = "lcm_nodes_cuda_graph"
@@ -526,6 +575,11 @@ def _release_if_unloaded(patcher, *args, **kwargs) -> None:
         release_graphs(patcher)
 
 
+def _rewalk_weights(patcher, *args, **kwargs) -> None:
+    """ON_LOAD callback: (re)loading may swap sub-modules (object patches), so walk the module tree again."""
+    graph_cache_of(patcher).watch.forget()
+
+
 def _fast_path_blocker(patcher, x, control, transformer_options, kwargs) -> str | None:
     """Why this forward cannot be captured, or None when it can."""
     if not x.is_cuda:
@@ -554,7 +608,7 @@ def _make_fast_wrapper(patcher, run_state: dict):
             run_state["eager_calls"] = run_state.get("eager_calls", 0) + 1
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         if run_state.get("fingerprint") is None:
-            run_state["fingerprint"] = weights_fingerprint(executor.class_obj)
+            run_state["fingerprint"] = cache.watch(executor.class_obj)
 
         def forward(x, timesteps, context, y):
             return executor(x, timesteps, context, y, control, transformer_options)
@@ -584,6 +638,7 @@ def _sampling_clone(model, timestep_scaling: float, fast: bool):
         if fast and comfy.model_management.get_torch_device().type == "cuda":
             m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, FAST_WRAPPER_KEY, _make_fast_wrapper(m, run_state))
             m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, FAST_WRAPPER_KEY, _release_if_unloaded)
+            m.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, FAST_WRAPPER_KEY, _rewalk_weights)
         clones[key] = (m, run_state)
     return clones[key]
 

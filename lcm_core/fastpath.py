@@ -24,6 +24,35 @@ def weights_fingerprint(module: torch.nn.Module) -> int:
     return hash(tuple(items))
 
 
+class WeightsWatch:
+    """:func:`weights_fingerprint` at a fraction of the cost, for checking the weights before every run.
+
+    Walking an SDXL UNet's module tree takes ~20 ms of Python, spent while the GPU waits for the first
+    step. The tree is walked once; later calls only re-read the tensors in the remembered slots, which
+    catches every weight or buffer replaced in place (a LoRA patched or unpatched, the model moved).
+    A change of the tree itself (an object patch swapping a sub-module) is only seen after
+    :meth:`forget`, which the owner calls whenever the model is (re)loaded.
+    """
+
+    def __init__(self) -> None:
+        self._module: torch.nn.Module | None = None
+        self._slots: list[tuple[dict, str]] = []
+
+    def forget(self) -> None:
+        self._module = None
+        self._slots = []
+
+    def __call__(self, module: torch.nn.Module) -> int:
+        if self._module is not module:
+            self._slots = [(d, name) for m in module.modules() for d in (m._parameters, m._buffers) for name in d]
+            self._module = module
+        items = []
+        for d, name in self._slots:
+            t = d.get(name)
+            items.append(None if t is None else (t.data_ptr(), t.shape, t.dtype))
+        return hash(tuple(items))
+
+
 def _signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
     return tuple(
         (k, None) if v is None else (k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(tensors.items())
@@ -51,11 +80,13 @@ class GraphCache:
     entries: dict[tuple, _Captured] = field(default_factory=dict)
     capture_seconds: list[float] = field(default_factory=list)
     replays: int = 0
+    watch: WeightsWatch = field(default_factory=WeightsWatch)
 
     def clear(self) -> None:
         """Drop every graph (their memory pools go back to PyTorch's allocator)."""
         self.entries.clear()
         self.fingerprint = None
+        self.watch.forget()
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -48,3 +48,75 @@ def test_fast_path_equals_ordinary_path_on_gpu(comfy, family, guided):
         fast, stats = _sample(comfy_adapter, model, pos, True, 8.0 if guided else 1.5, (batch, 4, 8, 8))
         assert stats["graph_calls"] == 4 and stats.get("eager_calls", 0) == 0
         assert (fast - eager).abs().max().item() == 0.0
+
+
+def _count_syncs(fn) -> int:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(1)
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter (run on the device machine)")
+@pytest.mark.parametrize("guided", [True, False])
+def test_no_host_synchronisation_between_steps_on_gpu(comfy, guided):
+    """A run's host-device synchronisations do not grow with the number of steps (none inside the loop)."""
+    from lcm_core import comfy_adapter, diffusers_to_conditioning
+
+    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sdxl_unet(time_cond_proj_dim=256 if guided else None).state_dict()), "sync", "fp16")
+    g = torch.Generator().manual_seed(2)
+    pos = diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
+                                    torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
+    counts = {}
+    for steps in (2, 8):
+        def run(steps=steps):
+            comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 3, steps, 8.0 if guided else 1.5, fast=True, disable_pbar=True)
+        run()  # capture and loading happen outside the count
+        counts[steps] = _count_syncs(run)
+    assert counts[8] <= counts[2], f"host synchronisations per run grow with the steps: {counts}"
+
+
+def test_conditioning_moves_to_the_sampling_device_without_touching_the_users(comfy):
+    """The per-run copy of the encoded conditioning moves; the CONDITIONING the user passed in does not."""
+    import comfy.conds
+
+    from lcm_core import comfy_adapter
+
+    user_cond = torch.randn(1, 77, 768)
+    shared = comfy.conds.CONDCrossAttn(user_cond)
+    entry = {"model_conds": {"c_crossattn": shared, "constant": comfy.conds.CONDConstant(3)}}
+
+    class Guider:
+        conds = {"positive": [entry], "negative": []}
+        inner_model = None
+
+    comfy_adapter._inputs_to_device(Guider(), torch.device("meta"))
+    moved = entry["model_conds"]["c_crossattn"]
+    assert moved.cond.device.type == "meta" and moved is not shared
+    assert shared.cond is user_cond and user_cond.device.type == "cpu"
+    assert entry["model_conds"]["constant"].cond == 3
+
+
+def test_weights_watch_sees_replaced_weights_and_rewalks_after_forget():
+    from lcm_core.fastpath import WeightsWatch, weights_fingerprint
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    watch = WeightsWatch()
+    first = watch(net)
+    assert watch(net) == first
+    net[0].weight = torch.nn.Parameter(torch.randn(3, 3))  # what a LoRA patch does: a new tensor in the slot
+    second = watch(net)
+    assert second != first
+    net[2] = torch.nn.Linear(3, 2)  # a swapped sub-module is only seen once the tree is walked again
+    assert watch(net) == second
+    watch.forget()
+    assert watch(net) != second
+    before = weights_fingerprint(net)
+    net[2].bias = torch.nn.Parameter(torch.randn(2))
+    assert weights_fingerprint(net) != before
