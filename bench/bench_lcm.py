@@ -147,8 +147,9 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
         latent = {"samples": torch.zeros(batch, 4, h, h)}
         seed = 42
 
-        def ours(fast, model=plain, guidance=1.0, stats=None):
-            return comfy_adapter.sample(model, pos, neg, latent, seed, STEPS, guidance, fast=fast, disable_pbar=True, stats=stats)["samples"]
+        def ours(fast, model=plain, guidance=1.0, stats=None, keep_graphs=True):
+            return comfy_adapter.sample(model, pos, neg, latent, seed, STEPS, guidance, fast=fast, disable_pbar=True, stats=stats,
+                                        keep_graphs=keep_graphs)["samples"]
 
         def native_run(cfg=1.0):
             noise = comfy.sample.prepare_noise(latent["samples"], seed)
@@ -188,6 +189,20 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
         })
         if batch == 1:
             with torch.inference_mode():
+                t_nokeep, _ = timed(lambda: ours(True, keep_graphs=False), reps)
+                host = []
+                for _ in range(reps):
+                    st: dict = {}
+                    ours(True, stats=st)
+                    host.append(st["host_ms_before_first_forward"])
+                torch.cuda.synchronize()
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    ours(True)
+                    torch.cuda.synchronize()
+                busy = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1000
+                pool = stats_fast.get("graph_pool_bytes", 0)
                 again = ours(False)
                 torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
                 other_kernels = ours(False)
@@ -199,6 +214,8 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
                 g_fast = ours(True, model=guided, guidance=8.0)
                 g_eager = ours(False, model=guided, guidance=8.0)
             rows.update({
+                "lcm_fast_keep_graphs_off_latents_ms": t_nokeep, "fast_host_ms_before_first_forward": statistics.median(host),
+                "fast_gpu_busy_ms": busy, "graph_pool_mib": pool / 2**20,
                 "eager_vs_eager_max_abs_diff": (again - lat_eager).abs().max().item(),
                 "eager_cudnn_benchmark_toggled_max_abs_diff": (other_kernels - lat_eager).abs().max().item(),
                 "comfy_native_cfg1.5_latents_ms": t_native15, "lcm_fast_cfg1.5_latents_ms": t_fast15,
@@ -247,7 +264,10 @@ def write_reports(results: dict, out: Path):
                       f"- CFG 1.5 (cond+uncond batched), batch 1, to latents: fast {r1['lcm_fast_cfg1.5_latents_ms']:.1f} ms, fast path off {r1['lcm_ordinary_cfg1.5_latents_ms']:.1f} ms, native {r1['comfy_native_cfg1.5_latents_ms']:.1f} ms.",
                       f"- Exactness (fp16 latents, max abs diff): fast vs ordinary {r1['fast_vs_ordinary_max_abs_diff']:.3g}; with guidance embedding {r1['guided_fast_vs_ordinary_max_abs_diff']:.3g}; "
                       f"ordinary run twice {r1['eager_vs_eager_max_abs_diff']:.3g}; ordinary with cuDNN autotuning toggled {r1['eager_cudnn_benchmark_toggled_max_abs_diff']:.3g}.",
-                      f"- First-call capture cost (warm-up + capture of one forward signature): {r1['capture_seconds_first']:.2f} s, paid once per model, shape and batch while the model stays loaded."]
+                      f"- First-call capture cost (warm-up + capture of one forward signature): {r1['capture_seconds_first']:.2f} s, paid once per model, shape and batch while the model stays loaded; "
+                      f"the graphs hold {r1['graph_pool_mib']:.0f} MiB of GPU memory meanwhile. With keep_graphs off (capture every run, nothing held between prompts): {r1['lcm_fast_keep_graphs_off_latents_ms']:.1f} ms to latents.",
+                      f"- Where the fast path's {r1['lcm_fast_latents_ms']:.1f} ms go: the GPU is busy {r1['fast_gpu_busy_ms']:.1f} ms (4 UNet forwards and the LCM arithmetic); "
+                      f"{r1['fast_host_ms_before_first_forward']:.1f} ms of host work (ComfyUI's sampling set-up, conditioning, noise) come before the first forward is queued."]
             b4 = d["rows"].get("batch4")
             if b4:
                 lines.append(f"- Batch 4 throughput, fast path, to decoded images: {b4['images_per_s_fast']:.2f} images/s.")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -575,6 +576,25 @@ def _release_if_unloaded(patcher, *args, **kwargs) -> None:
         release_graphs(patcher)
 
 
+def _keep_graphs_after_run(cache: GraphCache, keep_graphs: bool) -> bool:
+    """Whether a model's graphs stay after a run: asked for, and the GPU not short of memory.
+
+    ComfyUI counts memory PyTorch has reserved but not handed out as free, and the graphs' private pool
+    looks like that while no other allocation can use it; so the pool is subtracted, and the graphs go
+    when what is left is under ComfyUI's minimum for inference (or under the pool's own size).
+    """
+    if not keep_graphs:
+        return False
+    device = comfy.model_management.get_torch_device()
+    free = comfy.model_management.get_free_memory(device) - cache.pool_bytes
+    needed = max(comfy.model_management.minimum_inference_memory(), cache.pool_bytes)
+    if free < needed:
+        log.info("LCM fast path: freeing %.0f MiB of CUDA graphs after the run, as GPU memory is short "
+                 "(%.0f MiB free, %.0f MiB wanted).", cache.pool_bytes / 2**20, free / 2**20, needed / 2**20)
+        return False
+    return True
+
+
 def _rewalk_weights(patcher, *args, **kwargs) -> None:
     """ON_LOAD callback: (re)loading may swap sub-modules (object patches), so walk the module tree again."""
     graph_cache_of(patcher).watch.forget()
@@ -608,6 +628,7 @@ def _make_fast_wrapper(patcher, run_state: dict):
             run_state["eager_calls"] = run_state.get("eager_calls", 0) + 1
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         if run_state.get("fingerprint") is None:
+            run_state["first_forward_at"] = time.perf_counter()
             run_state["fingerprint"] = cache.watch(executor.class_obj)
 
         def forward(x, timesteps, context, y):
@@ -662,7 +683,7 @@ def _check_latent(latent: Any, model) -> torch.Tensor:
     return samples
 
 
-def _check_conditioning(cond: Any, name: str, model, batch: int) -> None:
+def _check_sampling_conditioning(cond: Any, name: str, model, batch: int) -> None:
     if not isinstance(cond, list) or not cond:
         raise LCMInputError(f"{name} is not a CONDITIONING: connect a CLIP Text Encode output.")
     unet_config = model.model.model_config.unet_config
@@ -713,6 +734,7 @@ def sample(
     disable_pbar: bool = False,
     fast: bool = True,
     stats: dict | None = None,
+    keep_graphs: bool = True,
 ) -> dict:
     """Run LCM multi-step consistency sampling on a ComfyUI MODEL; returns a new LATENT.
 
@@ -720,9 +742,12 @@ def sample(
     negative prompt is not used; otherwise ``guidance_scale > 1`` is classifier-free guidance with
     ``negative`` (zeros when none is connected, as diffusers' SDXL pipeline does), cond and uncond in
     one batched forward. ``fast`` replays the UNet forward as a CUDA graph where that is safe (see
-    :func:`_fast_path_blocker`); ``stats``, when given, receives what the fast path did. Noise comes from :func:`~lcm_core.noise.draw_noise`, so a seed reproduces
+    :func:`_fast_path_blocker`); with ``keep_graphs`` the graphs (and their GPU memory) stay for later runs
+    while ComfyUI keeps the model loaded and memory is not short (:func:`_keep_graphs_after_run`), without
+    it they are freed when the run ends; ``stats``, when given, receives what the fast path did. Noise comes from :func:`~lcm_core.noise.draw_noise`, so a seed reproduces
     diffusers' pipeline called with ``torch.Generator("cpu").manual_seed(seed)``.
     """
+    started = time.perf_counter()
     check_eps_model(model)
     check_seed(seed)
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not 0.0 <= guidance_scale <= 100.0:
@@ -732,14 +757,14 @@ def sample(
     ts = plan_timesteps(steps, original_inference_steps, timesteps, strength, strength_mode)
     samples = _check_latent(latent, model)
     batch = samples.shape[0]
-    _check_conditioning(positive, "positive", model, batch)
+    _check_sampling_conditioning(positive, "positive", model, batch)
     guided = has_guidance_embedding(model)
     cfg = 1.0 if guided or guidance_scale <= 1.0 else float(guidance_scale)
     if cfg > 1.0:
         if negative is None:
             log.info("LCM Sampler: no negative prompt connected; using zeroed conditioning for classifier-free guidance.")
             negative = _zero_conditioning(positive)
-        _check_conditioning(negative, "negative", model, batch)
+        _check_sampling_conditioning(negative, "negative", model, batch)
     elif negative is None:
         negative = _zero_conditioning(positive)  # unused at cfg 1, but ComfyUI's guider expects one
     elif guided:
@@ -764,10 +789,16 @@ def sample(
         m, stream.initial, cfg, sampler, sigmas, positive, negative, latent_image,
         noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed,
     )
+    cache = getattr(m.model, GRAPH_CACHE_ATTR, None)
     if stats is not None:
-        cache = getattr(m.model, GRAPH_CACHE_ATTR, None)
-        stats.update(run_state, graphs=len(cache) if cache else 0,
+        if "first_forward_at" in run_state:
+            stats["host_ms_before_first_forward"] = (run_state["first_forward_at"] - started) * 1000
+        stats.update(run_state, graphs=len(cache) if cache else 0, graph_pool_bytes=cache.pool_bytes if cache else 0,
                      capture_seconds=list(cache.capture_seconds) if cache else [], timesteps=list(ts))
+    if cache is not None and len(cache) and not _keep_graphs_after_run(cache, keep_graphs):
+        release_graphs(m)
+        if stats is not None:
+            stats["released_after_run"] = True
     out = latent.copy()
     out.pop("downscale_ratio_spacial", None)
     out["samples"] = out_samples

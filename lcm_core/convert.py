@@ -43,7 +43,7 @@ class DiffusersConditioning:
     add_time_ids: torch.Tensor | None = None
 
 
-def _check_conditioning(conditioning: Any, name: str) -> tuple[torch.Tensor, dict]:
+def _unpack_conditioning(conditioning: Any, name: str) -> tuple[torch.Tensor, dict]:
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise LCMInputError(f"{name} is not a CONDITIONING (a non-empty list of [tensor, dict]); connect a text encoder output.")
     entry = conditioning[0]
@@ -65,7 +65,7 @@ def conditioning_to_diffusers(
     ``width``/``height``/``crop_w``/``crop_h``/``target_width``/``target_height``, defaulting like ComfyUI
     does to the latent's size times ``downscale`` (``latent_size`` is ``(h, w)`` in latent pixels).
     """
-    cond, opts = _check_conditioning(conditioning, "conditioning")
+    cond, opts = _unpack_conditioning(conditioning, "conditioning")
     pooled = opts.get("pooled_output")
     if cond.shape[-1] != 2048 or pooled is None:
         return DiffusersConditioning(prompt_embeds=cond)

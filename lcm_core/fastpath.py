@@ -64,6 +64,7 @@ class _Captured:
     graph: "torch.cuda.CUDAGraph"
     inputs: dict[str, torch.Tensor | None]
     output: torch.Tensor
+    pool_bytes: int = 0
 
 
 @dataclass
@@ -90,6 +91,11 @@ class GraphCache:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def pool_bytes(self) -> int:
+        """GPU memory the captured graphs hold (measured as the allocator's growth during each capture)."""
+        return sum(e.pool_bytes for e in self.entries.values())
 
     def run(self, fn: Callable[..., torch.Tensor], fingerprint: int, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """``fn(**tensors)`` through a captured graph; captures on first use of this signature."""
@@ -119,9 +125,11 @@ class GraphCache:
                 fn(**static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph):
             output = fn(**static)
+        pool_bytes = torch.cuda.memory_reserved() - reserved
         graph.replay()  # the captured run computed nothing yet: replay once for this call's result
         torch.cuda.synchronize()
         self.capture_seconds.append(time.perf_counter() - start)
-        return _Captured(graph=graph, inputs=static, output=output)
+        return _Captured(graph=graph, inputs=static, output=output, pool_bytes=max(pool_bytes, 0))

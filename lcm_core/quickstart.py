@@ -150,19 +150,16 @@ def main(argv: list[str] | None = None) -> int:
                      for folder, name in missing]
             print("These model files are missing; put them here (or run again with --download):\n" + "\n".join(lines), file=sys.stderr)
             return 2
-        overrides = Overrides(prompt=args.prompt, seed=args.seed, width=args.width, height=args.height)
         if smoke:
             print(SMOKE_NOTE, file=sys.stderr)
             names = build_smoke_models(models)
-            api = smoke_workflow(names, args.prompt or "a lighthouse at dusk")
-            overrides = Overrides(seed=args.seed)
+            api = apply_overrides(smoke_workflow(names, args.prompt or "a lighthouse at dusk"), Overrides(seed=args.seed))
         else:
-            api = apply_overrides(api, overrides)
+            api = apply_overrides(api, Overrides(prompt=args.prompt, seed=args.seed, width=args.width, height=args.height))
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         with LocalComfy(comfy, comfy_args, out / "comfyui.log") as url:
-            files = run_one(ComfyClient(url), apply_overrides(api, Overrides(seed=args.seed)) if smoke else api, out,
-                            "quickstart-smoke" if smoke else args.workflow)
+            files = run_one(ComfyClient(url), api, out, "quickstart-smoke" if smoke else args.workflow)
         for f in files:
             print(f)
         if smoke:

@@ -9,6 +9,16 @@ from ..lcm_core.schedule import MAX_STEPS, STRENGTH_MODES, parse_timesteps
 CATEGORY = "sampling/lcm"
 
 
+def _keep_graphs_input():
+    # Appended after every other input: saved UI workflows list widget values by position, so new widgets go last.
+    return io.Boolean.Input(
+        "keep_graphs", default=True, optional=True,
+        tooltip="Fast path: keep the captured graphs, and the GPU memory they hold, for the next runs while the model "
+        "stays loaded (capture is paid once). They are freed when ComfyUI unloads the model or GPU memory runs "
+        "short. Off: freed at the end of every run, so nothing stays allocated between prompts.",
+    )
+
+
 def _common_inputs() -> list:
     return [
         io.Model.Input("model", tooltip="An LCM MODEL: from Load LCM UNet, or any SD1.5/SDXL model after Apply LCM-LoRA."),
@@ -57,19 +67,19 @@ class LCMSampler(io.ComfyNode):
             display_name="LCM Sampler",
             category=CATEGORY,
             description="Text-to-image with a Latent Consistency Model in 2-8 steps, exactly as diffusers' LCM pipelines.",
-            inputs=_common_inputs(),
+            inputs=_common_inputs() + [_keep_graphs_input()],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, negative=None,
-                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True) -> io.NodeOutput:
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, keep_graphs=True) -> io.NodeOutput:
         from ..lcm_core import comfy_adapter
 
         out = comfy_adapter.sample(
             model, positive, negative, latent_image, seed, steps, guidance_scale,
             original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
-            timestep_scaling=timestep_scaling, from_image=False, fast=fast,
+            timestep_scaling=timestep_scaling, from_image=False, fast=fast, keep_graphs=keep_graphs,
         )
         return io.NodeOutput(out)
 
@@ -94,18 +104,21 @@ class LCMImg2Img(io.ComfyNode):
                     "(4 steps at 0.75: 739/559/379/199). 'truncate': as the SD/SDXL img2img pipelines "
                     "(AutoPipelineForImage2Image), the first steps are dropped (int(steps x strength) steps run).",
                 ),
+                _keep_graphs_input(),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, strength, negative=None,
-                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, strength_mode="lcm") -> io.NodeOutput:
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, strength_mode="lcm",
+                keep_graphs=True) -> io.NodeOutput:
         from ..lcm_core import comfy_adapter
 
         out = comfy_adapter.sample(
             model, positive, negative, latent_image, seed, steps, guidance_scale,
             original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
             strength=strength, strength_mode=strength_mode, timestep_scaling=timestep_scaling, from_image=True, fast=fast,
+            keep_graphs=keep_graphs,
         )
         return io.NodeOutput(out)

@@ -120,3 +120,25 @@ def test_weights_watch_sees_replaced_weights_and_rewalks_after_forget():
     before = weights_fingerprint(net)
     net[2].bias = torch.nn.Parameter(torch.randn(2))
     assert weights_fingerprint(net) != before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+def test_keep_graphs_off_frees_the_graph_memory_after_the_run(comfy):
+    """keep_graphs=False: same latents, no graph left and the graph pool returned once the run ends."""
+    from lcm_core import comfy_adapter
+
+    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "keep", "fp16")
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4)), {}]]
+    latent = {"samples": torch.zeros(2, 4, 16, 16)}
+    kept: dict = {}
+    a = comfy_adapter.sample(model, pos, None, latent, 5, 4, 8.0, fast=True, disable_pbar=True, stats=kept)["samples"]
+    assert kept["graphs"] == 1 and kept["graph_pool_bytes"] > 0 and not kept.get("released_after_run")
+    comfy_adapter.release_graphs(comfy_adapter._sampling_clone(model, 10.0, True)[0])
+    torch.cuda.synchronize()
+    reserved_before = torch.cuda.memory_reserved()
+    freed: dict = {}
+    b = comfy_adapter.sample(model, pos, None, latent, 5, 4, 8.0, fast=True, disable_pbar=True, stats=freed, keep_graphs=False)["samples"]
+    assert freed["graph_calls"] == 4 and freed["released_after_run"]
+    assert len(comfy_adapter.graph_cache_of(comfy_adapter._sampling_clone(model, 10.0, True)[0])) == 0
+    assert torch.cuda.memory_reserved() <= reserved_before + (1 << 20)
+    assert torch.equal(a, b)

@@ -73,3 +73,29 @@ def test_workflow_settings_follow_the_seed_guide(name):
     size = next((n["inputs"]["width"] for n in api.values() if n["class_type"] == "EmptyLatentImage"), None)
     if size is not None:
         assert size == (512 if name.startswith("sd15") else 1024)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflows_saved_before_keep_graphs_still_load(comfy, name):
+    """A UI workflow saved before the trailing keep_graphs widget existed maps every old value to the same input."""
+    api = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    for node in ui["nodes"]:
+        if node["type"] in ("LCMSampler", "LCMImg2Img"):
+            assert node["widgets_values"][-1] is True
+            node["widgets_values"] = node["widgets_values"][:-1]
+    assert ui_to_api(ui, comfy.NODE_CLASS_MAPPINGS) == api  # keep_graphs falls back to its default, True
+
+
+def test_new_sampler_inputs_come_after_every_existing_widget(comfy):
+    """Saved UI workflows list widget values by position: inputs added later must stay at the end."""
+    from workflow_formats import widget_layout
+
+    first_release = {
+        "LCMSampler": ["seed", "steps", "guidance_scale", "original_inference_steps", "timesteps", "timestep_scaling", "fast"],
+        "LCMImg2Img": ["seed", "steps", "guidance_scale", "strength", "original_inference_steps", "timesteps", "timestep_scaling",
+                       "fast", "strength_mode"],
+    }
+    for node_id, names in first_release.items():
+        widgets = [n for n, _ in widget_layout(comfy.NODE_CLASS_MAPPINGS[node_id])[0]]
+        assert widgets[: len(names)] == names, (node_id, widgets)

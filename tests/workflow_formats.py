@@ -27,6 +27,16 @@ def widget_layout(node_class) -> tuple[list[tuple[str, bool]], list[tuple[str, s
     return widgets, sockets
 
 
+def _widget_defaults(node_class) -> dict:
+    spec = node_class.INPUT_TYPES()
+    out = {}
+    for section in ("required", "optional"):
+        for name, value in spec.get(section, {}).items():
+            opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+            out[name] = opts.get("default", value[0][0] if isinstance(value[0], list) and value[0] else None)
+    return out
+
+
 def api_to_ui(api: dict, classes: dict) -> dict:
     nodes, links = [], []
     link_id = 0
@@ -75,8 +85,12 @@ def ui_to_api(ui: dict, classes: dict) -> dict:
         cls = classes[node["type"]]
         widgets, _ = widget_layout(cls)
         values = list(node.get("widgets_values", []))
+        defaults = _widget_defaults(cls)
         inputs = {}
         for name, control in widgets:
+            if not values:  # saved before this (trailing, optional) widget existed: the frontend takes its default
+                inputs[name] = defaults[name]
+                continue
             v = values.pop(0)
             if name == "__upload__":
                 continue

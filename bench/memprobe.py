@@ -1,0 +1,127 @@
+"""Where does a ComfyUI server's memory go over many LCM prompts? (issue #6 investigation; CPU, tiny models)
+
+Starts a real ComfyUI server (``--cpu``) with this pack and the test suite's tiny models, runs warm-up
+prompts, then takes a snapshot (Python allocations by line via tracemalloc, live torch tensors by shape,
+gc object counts by type, RSS) after every block of prompts, and prints what grew.
+
+    python bench/memprobe.py [--blocks 3] [--per-block 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+HOOK = textwrap.dedent('''
+    import gc, json, os, signal, sys, tracemalloc, collections
+    def _dump(signum, frame):
+        import torch, psutil
+        gc.collect()
+        out = os.environ["MEMPROBE_OUT"]
+        n = len([f for f in os.listdir(out) if f.endswith(".json")])
+        if tracemalloc.is_tracing():
+            tracemalloc.take_snapshot().dump(os.path.join(out, f"{n}.snap"))
+        else:  # traced from the first snapshot on: tracing the start-up would take many minutes
+            tracemalloc.start(int(os.environ.get("MEMPROBE_FRAMES", "8")))
+        tensors = collections.Counter(); types = collections.Counter()
+        for o in gc.get_objects():
+            types[type(o).__name__] += 1
+            try:
+                if isinstance(o, torch.Tensor) and not o.is_meta:
+                    tensors[f"{tuple(o.shape)} {o.dtype}"] += o.numel() * o.element_size()
+            except Exception:
+                pass
+        info = {"rss": psutil.Process().memory_info().rss, "tensors": dict(tensors), "types": dict(types),
+                "traced": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0}
+        with open(os.path.join(out, f"{n}.json"), "w") as f:
+            json.dump(info, f)
+    signal.signal(signal.SIGUSR1, _dump)
+''')
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--per-block", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=20)
+    args = p.parse_args()
+    from safetensors.torch import save_file
+
+    from comfy_harness import find_comfyui, make_base_dir
+    from lcm_core.runner import ComfyClient, LocalComfy
+    from models import random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
+    from test_http import TINY
+    from test_reliability import latent_prompt, server_process
+
+    path, _ = find_comfyui()
+    sys.path.insert(0, str(path))  # the tiny checkpoint is written with ComfyUI's key maps
+    work = Path(tempfile.mkdtemp(prefix="memprobe-"))
+    base = make_base_dir(work / "base")
+    models = base / "models"
+    tiny_sd15_checkpoint(models / "checkpoints" / TINY["ckpt"])
+    save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=5), models / "diffusion_models" / TINY["unet"])
+    save_file(random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=21), "kohya"), str(models / "loras" / TINY["lora"]))
+    hook_dir = work / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(HOOK)
+    snaps = work / "snaps"
+    snaps.mkdir()
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")])
+    os.environ["MEMPROBE_OUT"] = str(snaps)
+    with LocalComfy(path, ["--cpu", "--base-directory", str(base)], work / "server.log") as url:
+        client = ComfyClient(url)
+        proc = server_process(url)
+
+        def snapshot():
+            before = len(list(snaps.glob("*.json")))
+            os.kill(proc.pid, signal.SIGUSR1)
+            while len(list(snaps.glob("*.json"))) == before:
+                time.sleep(0.2)
+            time.sleep(0.5)
+
+        seed = 0
+        for _ in range(args.warmup):
+            seed += 1
+            client.wait(client.queue(latent_prompt(seed, lora=bool(seed % 2), prefix="warm")))
+        snapshot()  # starts tracing
+        for _ in range(3):
+            seed += 1
+            client.wait(client.queue(latent_prompt(seed, lora=bool(seed % 2), prefix="warm")))
+        snapshot()  # first traced snapshot
+        for b in range(args.blocks):
+            for _ in range(args.per_block):
+                seed += 1
+                client.wait(client.queue(latent_prompt(seed, lora=bool(seed % 2), prefix=f"b{b}")))
+            snapshot()
+    import tracemalloc
+
+    infos = [json.loads((snaps / f"{i}.json").read_text()) for i in range(args.blocks + 2)]
+    print("RSS MiB:", [round(i["rss"] / 2**20, 1) for i in infos], " traced Python MiB:", [round(i["traced"] / 2**20, 2) for i in infos])
+    first, last = infos[1], infos[-1]
+    tgrow = {k: last["tensors"].get(k, 0) - first["tensors"].get(k, 0) for k in set(first["tensors"]) | set(last["tensors"])}
+    print("live tensor bytes that grew:", sorted(((v, k) for k, v in tgrow.items() if v), reverse=True)[:10])
+    ty = {k: last["types"].get(k, 0) - first["types"].get(k, 0) for k in set(first["types"]) | set(last["types"])}
+    print("object counts that grew:", sorted(((v, k) for k, v in ty.items() if v > 0), reverse=True)[:15])
+    a = tracemalloc.Snapshot.load(str(snaps / "1.snap"))
+    z = tracemalloc.Snapshot.load(str(snaps / f"{args.blocks + 1}.snap"))
+    print("top Python allocation growth (by traceback):")
+    for stat in z.compare_to(a, "traceback")[:12]:
+        print(f"  {stat.size_diff / 1024:+.1f} KiB in {stat.count_diff:+d} blocks")
+        for line in stat.traceback.format()[-12:]:
+            print("     ", line)
+    print("work dir:", work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
