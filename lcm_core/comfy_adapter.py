@@ -35,7 +35,7 @@ from .errors import LCMInputError, LCMLoRAError, LCMModelError
 from .fastpath import GraphCache, WeightsWatch
 from .guidance import GuidedTimeEmbedding, guidance_embedding, guidance_w
 from .lora import group_lora_modules, module_name_candidates
-from .noise import NoiseStream, check_seed, draw_noise
+from .noise import SeededNoise, check_seed
 from .schedule import (
     STRENGTH_MODES,
     NoiseSchedule,
@@ -463,10 +463,10 @@ def apply_lcm_lora(model, lora_path: str, strength: float = 1.0, allow_partial: 
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    """Everything the LCM loop needs, decided before any model work."""
+    """Everything the LCM loop needs, decided before any model work (used for one run: ``noise`` is consumed)."""
 
     timesteps: tuple[int, ...]
-    noise: NoiseStream
+    noise: SeededNoise  # its initial draw already taken; the loop draws one per re-noising, in diffusers' order
     from_image: bool
 
 
@@ -499,19 +499,27 @@ def _lcm_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None,
         x = model.latent_image.to(x) + initial * sigmas[0]
     else:  # diffusers: pure noise, whatever the first timestep
         x = initial * (sigmas[0] ** 2 + 1.0) ** 0.5
-    step_noise = [z.to(x, non_blocking=True) for z in plan.noise.steps]  # one upload, no per-step host copies
     _inputs_to_device(getattr(model, "inner_model", None), x.device)
     s_in = x.new_ones([x.shape[0]])
     for i in range(n):
         comfy.model_management.throw_exception_if_processing_interrupted()
         denoised = model(x, sigmas[i] * s_in, **extra_args)
+        # drawn on the CPU (diffusers' generator) while the GPU computes this step, and copied without a host sync
+        step_noise = _to_device_async(plan.noise.draw().float(), x) if i + 1 < n else None
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if i + 1 < n:
-            x = denoised + step_noise[i] * sigmas[i + 1]
+        if step_noise is not None:
+            x = denoised + step_noise * sigmas[i + 1]
         else:
             x = denoised
     return x
+
+
+def _to_device_async(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t.to(like)`` that does not make the CPU wait for queued GPU work (pinned source, non-blocking copy)."""
+    if like.is_cuda:
+        return t.pin_memory().to(device=like.device, dtype=like.dtype, non_blocking=True)
+    return t.to(like)
 
 
 def _inputs_to_device(guider, device: torch.device) -> None:
@@ -744,7 +752,7 @@ def sample(
     one batched forward. ``fast`` replays the UNet forward as a CUDA graph where that is safe (see
     :func:`_fast_path_blocker`); with ``keep_graphs`` the graphs (and their GPU memory) stay for later runs
     while ComfyUI keeps the model loaded and memory is not short (:func:`_keep_graphs_after_run`), without
-    it they are freed when the run ends; ``stats``, when given, receives what the fast path did. Noise comes from :func:`~lcm_core.noise.draw_noise`, so a seed reproduces
+    it they are freed when the run ends; ``stats``, when given, receives what the fast path did. Noise comes from :class:`~lcm_core.noise.SeededNoise`, so a seed reproduces
     diffusers' pipeline called with ``torch.Generator("cpu").manual_seed(seed)``.
     """
     started = time.perf_counter()
@@ -778,15 +786,15 @@ def sample(
 
     latent_image = comfy.sample.fix_empty_latent_channels(m, samples)
     noise_dtype = m.model_dtype() if m.model_dtype() in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    stream = draw_noise(seed, tuple(latent_image.shape), len(ts), dtype=noise_dtype)
-    stream = NoiseStream(initial=stream.initial.float(), steps=tuple(s.float() for s in stream.steps))
-    plan = SamplingPlan(timesteps=tuple(ts), noise=stream, from_image=from_image)
+    noise = SeededNoise(seed, tuple(latent_image.shape), dtype=noise_dtype)
+    initial = noise.draw().float()
+    plan = SamplingPlan(timesteps=tuple(ts), noise=noise, from_image=from_image)
     table = ms.sigmas.detach().float().cpu()
     sigmas = torch.cat([table[torch.tensor(ts, dtype=torch.long)], table.new_zeros(1)])
     sampler = comfy.samplers.KSAMPLER(_lcm_sampler, extra_options={"plan": plan})
     callback = latent_preview.prepare_callback(m, len(ts))
     out_samples = comfy.sample.sample_custom(
-        m, stream.initial, cfg, sampler, sigmas, positive, negative, latent_image,
+        m, initial, cfg, sampler, sigmas, positive, negative, latent_image,
         noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed,
     )
     cache = getattr(m.model, GRAPH_CACHE_ATTR, None)

@@ -39,6 +39,23 @@ def check_seed(seed: int) -> int:
     return seed
 
 
+class SeededNoise:
+    """The same sequence as :func:`draw_noise`, drawn one tensor at a time.
+
+    The sampler draws each step's noise while the GPU computes that step, instead of all of it before
+    the first step. The first :meth:`draw` is the initial noise, then one per step, in diffusers' order.
+    """
+
+    def __init__(self, seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+        check_seed(seed)
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def draw(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype)
+
+
 def draw_noise(seed: int, shape: tuple[int, ...], num_steps: int, dtype: torch.dtype = torch.float32) -> NoiseStream:
     """Draw the noise diffusers' LCM pipelines draw for ``num_steps`` steps on a latent of ``shape``.
 
@@ -49,7 +66,7 @@ def draw_noise(seed: int, shape: tuple[int, ...], num_steps: int, dtype: torch.d
     if num_steps < 1:
         raise LCMInputError(f"num_steps={num_steps} must be at least 1.")
     # torch.Generator.manual_seed takes the seed as uint64 bits; diffusers users pass the same int.
-    generator = torch.Generator("cpu").manual_seed(seed)
-    initial = torch.randn(shape, generator=generator, dtype=dtype)
-    steps = tuple(torch.randn(shape, generator=generator, dtype=dtype) for _ in range(num_steps - 1))
+    noise = SeededNoise(seed, shape, dtype)
+    initial = noise.draw()
+    steps = tuple(noise.draw() for _ in range(num_steps - 1))
     return NoiseStream(initial=initial, steps=steps)
