@@ -41,7 +41,8 @@ HOOK = textwrap.dedent('''
                     tensors[f"{tuple(o.shape)} {o.dtype}"] += o.numel() * o.element_size()
             except Exception:
                 pass
-        info = {"rss": psutil.Process().memory_info().rss, "tensors": dict(tensors), "types": dict(types),
+        import comfy.model_management as mm
+        info = {"rss": psutil.Process().memory_info().rss, "loaded_models": len(mm.current_loaded_models), "tensors": dict(tensors), "types": dict(types),
                 "traced": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0}
         with open(os.path.join(out, f"{n}.json"), "w") as f:
             json.dump(info, f)
@@ -49,17 +50,39 @@ HOOK = textwrap.dedent('''
 ''')
 
 
+def native_prompt(seed: int, lora: bool = False, prefix: str = "nat") -> dict:
+    """The memory test's alternation with ComfyUI's own nodes: UNETLoader or LoraLoader as node 1, KSampler lcm."""
+    from test_http import TINY
+
+    p = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY["ckpt"]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["6", 0], "negative": ["6", 0], "latent_image": ["5", 0],
+                                                   "seed": seed, "steps": 1, "cfg": 1.0, "sampler_name": "lcm", "scheduler": "sgm_uniform",
+                                                   "denoise": 1.0}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": f"{prefix}/s{seed}"}},
+    }
+    if lora:
+        p["1"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name": TINY["lora"], "strength_model": 1.0}}
+    else:
+        p["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "ldm-unet.safetensors", "weight_dtype": "default"}}
+    return p
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--per-block", type=int, default=25)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--native", action="store_true",
+                   help="control run: the same alternation with ComfyUI's own nodes only (UNETLoader / LoraLoader + KSampler lcm)")
     args = p.parse_args()
     from safetensors.torch import save_file
 
     from comfy_harness import find_comfyui, make_base_dir
     from lcm_core.runner import ComfyClient, LocalComfy
-    from models import random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
+    from models import diffusers_unet_to_ldm, random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
     from test_http import TINY
     from test_reliability import latent_prompt, server_process
 
@@ -71,6 +94,9 @@ def main() -> int:
     tiny_sd15_checkpoint(models / "checkpoints" / TINY["ckpt"])
     save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=5), models / "diffusion_models" / TINY["unet"])
     save_file(random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=21), "kohya"), str(models / "loras" / TINY["lora"]))
+    save_file({k: v.contiguous() for k, v in diffusers_unet_to_ldm(tiny_sd15_unet(time_cond_proj_dim=None, seed=5)).items()},
+              str(models / "diffusion_models" / "ldm-unet.safetensors"))
+    make_prompt = native_prompt if args.native else latent_prompt
     hook_dir = work / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(HOOK)
@@ -92,20 +118,21 @@ def main() -> int:
         seed = 0
         for _ in range(args.warmup):
             seed += 1
-            client.wait(client.queue(latent_prompt(seed, lora=bool(seed % 2), prefix="warm")))
+            client.wait(client.queue(make_prompt(seed, lora=bool(seed % 2), prefix="warm")))
         snapshot()  # starts tracing
         for _ in range(3):
             seed += 1
-            client.wait(client.queue(latent_prompt(seed, lora=bool(seed % 2), prefix="warm")))
+            client.wait(client.queue(make_prompt(seed, lora=bool(seed % 2), prefix="warm")))
         snapshot()  # first traced snapshot
         for b in range(args.blocks):
             for _ in range(args.per_block):
                 seed += 1
-                client.wait(client.queue(latent_prompt(seed, lora=bool(seed % 2), prefix=f"b{b}")))
+                client.wait(client.queue(make_prompt(seed, lora=bool(seed % 2), prefix=f"b{b}")))
             snapshot()
     import tracemalloc
 
     infos = [json.loads((snaps / f"{i}.json").read_text()) for i in range(args.blocks + 2)]
+    print("mode:", "ComfyUI native nodes" if args.native else "LCM nodes", " ComfyUI's loaded-model list:", [i["loaded_models"] for i in infos])
     print("RSS MiB:", [round(i["rss"] / 2**20, 1) for i in infos], " traced Python MiB:", [round(i["traced"] / 2**20, 2) for i in infos])
     first, last = infos[1], infos[-1]
     tgrow = {k: last["tensors"].get(k, 0) - first["tensors"].get(k, 0) for k in set(first["tensors"]) | set(last["tensors"])}

@@ -69,8 +69,8 @@ def load_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dic
     if ext != ".safetensors":
         raise LCMModelError(
             f"{what} {name!r} is a {ext or 'extensionless'} file; only .safetensors is read, because pickled "
-            "formats (.ckpt/.pt/.bin) can run code when loaded. Convert it once with "
-            "`python -m lcm_nodes convert <file>` or download the .safetensors release."
+            "formats (.ckpt/.pt/.bin) can run code when loaded. Convert it once, from the lcm-nodes folder, with "
+            f"`python -m lcm_core.runner convert {path}` (reads tensors only, never code) or download the .safetensors release."
         )
     if not os.path.isfile(path):
         raise LCMModelError(f"{what} {name!r} does not exist at {path}.")

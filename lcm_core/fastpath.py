@@ -59,6 +59,15 @@ def _signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
     )
 
 
+def _pool_bytes(graph: "torch.cuda.CUDAGraph") -> int:
+    """Bytes of the allocator segments that belong to ``graph``'s private memory pool."""
+    pool = tuple(graph.pool())
+    try:
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool)
+    except (RuntimeError, KeyError, TypeError):  # the snapshot format is PyTorch's, not a promise: report 0 rather than fail
+        return 0
+
+
 @dataclass
 class _Captured:
     graph: "torch.cuda.CUDAGraph"
@@ -125,10 +134,9 @@ class GraphCache:
                 fn(**static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph):
             output = fn(**static)
-        pool_bytes = torch.cuda.memory_reserved() - reserved
+        pool_bytes = _pool_bytes(graph)
         graph.replay()  # the captured run computed nothing yet: replay once for this call's result
         torch.cuda.synchronize()
         self.capture_seconds.append(time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
     python -m lcm_core.runner run workflows/sdxl-lcm-lora-txt2img.api.json --prompt "a cat" --seed 7
     python -m lcm_core.runner run WORKFLOW --server http://127.0.0.1:8188 --prompts prompts.txt --output out/
+    python -m lcm_core.runner convert models/loras/old.ckpt    # pickle -> .safetensors, tensors only
 
 Without ``--server`` it starts a ComfyUI of its own on 127.0.0.1 (found as the test harness finds it) and
 stops it afterwards. Progress is shown per sampling step; a prompt that fails validation or execution makes
@@ -443,12 +444,30 @@ def build_parser() -> argparse.ArgumentParser:
                       ("width", int), ("height", int), ("batch", int), ("unet", str), ("ckpt", str), ("lora", str), ("image", str)):
         r.add_argument(f"--{flag}", type=typ)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = sub.add_parser("convert", help="convert a pickled .ckpt/.pt/.bin file to .safetensors (tensors only, no code is run)")
+    c.add_argument("file")
+    c.add_argument("--output", help="output file (default: beside the input, with .safetensors)")
     return p
+
+
+def _convert(args) -> int:
+    from .errors import LCMModelError
+    from .safe_convert import convert_to_safetensors
+
+    try:
+        dst, n, dropped = convert_to_safetensors(args.file, args.output)
+    except LCMModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {dst} ({n} tensors" + (f"; {dropped} non-tensor entries left out" if dropped else "") + ")")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "convert":
+        return _convert(args)
     overrides = Overrides(**{k: getattr(args, k) for k in ("prompt", "negative", "seed", "steps", "guidance", "strength",
                                                             "width", "height", "batch", "unet", "ckpt", "lora", "image")})
     try:
