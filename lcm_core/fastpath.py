@@ -59,6 +59,22 @@ def _signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
     )
 
 
+_CAPTURE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _capture_stream() -> "torch.cuda.Stream":
+    """One side stream per device for every warm-up and capture.
+
+    cuBLAS keeps a workspace (tens of MiB) for every stream it has run on, outside what ``empty_cache``
+    returns; a fresh stream per capture would add one each time graphs are captured again.
+    """
+    device = torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream()
+    return stream
+
+
 def _pool_bytes(graph: "torch.cuda.CUDAGraph") -> int:
     """Bytes of the allocator segments that belong to ``graph``'s private memory pool."""
     pool = tuple(graph.pool())
@@ -127,14 +143,14 @@ class GraphCache:
     def _capture(self, fn: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor | None]) -> _Captured:
         start = time.perf_counter()
         static = {k: (v.clone() if v is not None else None) for k, v in tensors.items()}
-        stream = torch.cuda.Stream()
+        stream = _capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.warmup):  # let lazy initialisation and allocator warm-up happen outside the graph
                 fn(**static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             output = fn(**static)
         pool_bytes = _pool_bytes(graph)
         graph.replay()  # the captured run computed nothing yet: replay once for this call's result

@@ -142,3 +142,6 @@ def test_keep_graphs_off_frees_the_graph_memory_after_the_run(comfy):
     assert len(comfy_adapter.graph_cache_of(comfy_adapter._sampling_clone(model, 10.0, True)[0])) == 0
     assert torch.cuda.memory_reserved() <= reserved_before + (1 << 20)
     assert torch.equal(a, b)
+    for seed in range(6):  # capturing again and again (keep_graphs off) does not pile up GPU memory
+        comfy_adapter.sample(model, pos, None, latent, seed, 4, 8.0, fast=True, disable_pbar=True, keep_graphs=False)
+    assert torch.cuda.memory_reserved() <= reserved_before + (1 << 20)
