@@ -251,6 +251,7 @@ def _attach_guidance_embedding(patcher, weight: torch.Tensor) -> None:
     cond_proj = type(first)(in_features, out_features, bias=False, dtype=first.weight.dtype, device=first.weight.device)
     with torch.no_grad():
         cond_proj.weight.copy_(weight.to(first.weight.dtype))
+    cond_proj.weight.requires_grad_(first.weight.requires_grad)  # as ComfyUI's own weights (inference only)
     diffusion_model.time_embed = GuidedTimeEmbedding(time_embed, cond_proj)
 
 
@@ -620,6 +621,8 @@ def _fast_path_blocker(patcher, x, control, transformer_options, kwargs) -> str 
         return f"extra model inputs {sorted(k for k, v in kwargs.items() if v is not None)}"
     if getattr(patcher.model, "model_lowvram", False):
         return "the model is only partly loaded on the GPU (low VRAM)"
+    if patcher.model_options.get("torch_compile_kwargs") is not None or torch.compiler.is_compiling():
+        return "the model is compiled with torch.compile (TorchCompileModel), which a CUDA-graph capture cannot run inside"
     return None
 
 

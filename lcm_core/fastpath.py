@@ -110,9 +110,18 @@ class GraphCache:
 
     def clear(self) -> None:
         """Drop every graph (their memory pools go back to PyTorch's allocator)."""
+        had_graphs = bool(self.entries)
         self.entries.clear()
         self.fingerprint = None
         self.watch.forget()
+        if had_graphs:
+            # A capture makes cuBLAS allocate fresh workspaces inside the graph's private pool and keeps them
+            # afterwards; while they live the pool cannot be returned. Dropping them (they are re-created on
+            # the next matrix product) lets empty_cache give the pool back.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None and torch.cuda.is_available():
+                torch.cuda.synchronize()
+                clear_workspaces()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -123,7 +132,15 @@ class GraphCache:
         return sum(e.pool_bytes for e in self.entries.values())
 
     def run(self, fn: Callable[..., torch.Tensor], fingerprint: int, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """``fn(**tensors)`` through a captured graph; captures on first use of this signature."""
+        """``fn(**tensors)`` through a captured graph; captures on first use of this signature.
+
+        Inference only: the result carries no autograd history (under grad mode an eager forward would
+        record one that keeps every activation of the capture alive for as long as the result lives).
+        """
+        with torch.no_grad():
+            return self._run(fn, fingerprint, tensors)
+
+    def _run(self, fn: Callable[..., torch.Tensor], fingerprint: int, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
         if fingerprint != self.fingerprint:
             self.clear()
             self.fingerprint = fingerprint
