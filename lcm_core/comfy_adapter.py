@@ -455,7 +455,12 @@ def apply_lcm_lora(model, lora_path: str, strength: float = 1.0, allow_partial: 
     m = model.clone()
     m.add_patches(patches, strength)
     log.info("LoRA %r on %s: %s at strength %s.", name, family, report.summary(), strength)
-    return setup_lcm(m, guidance_scale=None), report
+    patched = setup_lcm(m, guidance_scale=None)
+    # ComfyUI hands a loaded model's slot to its parent when the model is freed, so that the next clone of
+    # the same network finds and replaces it. The intermediate clone ``m`` dies with ``patched``; the slot
+    # must go to the MODEL that was passed in (as with ComfyUI's own LoraLoader), not to a dead parent.
+    patched.parent = model
+    return patched, report
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,6 +670,10 @@ def _sampling_clone(model, timestep_scaling: float, fast: bool):
     key = (timestep_scaling, fast)
     if key not in clones:
         m = model.clone()
+        # The clone lives beside ``model`` (a reference cycle), so both are freed together; ComfyUI would then
+        # hand the clone's loaded-model slot to the freed ``model`` and keep a dead entry for every MODEL that
+        # ever sampled. ``model``'s own parent outlives them both.
+        m.parent = model.parent
         m.add_object_patch("model_sampling", LCMModelSampling(m.model.model_config, timestep_scaling, original_inference_steps=None))
         run_state: dict = {}
         if fast and comfy.model_management.get_torch_device().type == "cuda":

@@ -126,3 +126,39 @@ def test_memory_flat_over_50_prompts_alternating_models_and_free(server, comfy_b
     time.sleep(2)
     h = client.wait(client.queue(latent_prompt(3000, prefix="afterfree")))
     assert h["status"]["status_str"] == "success"
+
+
+def test_alternating_models_leave_no_dead_entries_in_comfyuis_loaded_models(runner, comfy_base):
+    """Models this pack creates are freed from ComfyUI's loaded-model list like ComfyUI's own (issue #6, memory).
+
+    Alternating an LCM-LoRA'd checkpoint and an LCM UNet replaces node 1 every prompt, so each prompt frees the
+    previous MODEL. ComfyUI hands a freed model's slot to its parent; a clone whose parent dies with it would
+    leave a dead slot behind for every prompt (the list grew by one per two prompts before this was fixed).
+    """
+    import comfy.model_management as mm
+    from safetensors.torch import save_file
+
+    from models import random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
+
+    models = comfy_base / "models"
+    names = {"ckpt": "slots-ckpt.safetensors", "unet": "slots-unet.safetensors", "lora": "slots-lora.safetensors"}
+    tiny_sd15_checkpoint(models / "checkpoints" / names["ckpt"])
+    save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=5), models / "diffusion_models" / names["unet"])
+    save_file(random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=21), "kohya"), str(models / "loras" / names["lora"]))
+
+    def prompt(seed, lora):
+        p = latent_prompt(seed, lora=lora, prefix="slots")
+        p["4"]["inputs"]["ckpt_name"] = names["ckpt"]
+        p["1"]["inputs"]["lora_name" if lora else "unet_name"] = names["lora" if lora else "unet"]
+        p.pop("9")
+        return p
+
+    sizes = []
+    for i in range(12):
+        runner.run(prompt(100 + i, lora=bool(i % 2)), ["3"])
+        mm.cleanup_models_gc()
+        mm.cleanup_models()
+        sizes.append(len(mm.current_loaded_models))
+    dead = [lm for lm in mm.current_loaded_models if lm.is_dead()]
+    assert not dead, f"{len(dead)} dead loaded-model entries; list sizes {sizes}"
+    assert sizes[-1] <= sizes[3], sizes
