@@ -31,7 +31,7 @@ HOOK = textwrap.dedent('''
         n = len([f for f in os.listdir(out) if f.endswith(".json")])
         if tracemalloc.is_tracing():
             tracemalloc.take_snapshot().dump(os.path.join(out, f"{n}.snap"))
-        else:  # traced from the first snapshot on: tracing the start-up would take many minutes
+        elif os.environ.get("MEMPROBE_FRAMES", "8") != "0":  # traced from the first snapshot on (tracing start-up takes minutes)
             tracemalloc.start(int(os.environ.get("MEMPROBE_FRAMES", "8")))
         tensors = collections.Counter(); types = collections.Counter()
         for o in gc.get_objects():
@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--per-block", type=int, default=25)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--no-trace", action="store_true", help="RSS, tensors and object counts only (much faster)")
     p.add_argument("--native", action="store_true",
                    help="control run: the same alternation with ComfyUI's own nodes only (UNETLoader / LoraLoader + KSampler lcm)")
     args = p.parse_args()
@@ -104,6 +105,8 @@ def main() -> int:
     snaps.mkdir()
     os.environ["PYTHONPATH"] = os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")])
     os.environ["MEMPROBE_OUT"] = str(snaps)
+    if args.no_trace:
+        os.environ["MEMPROBE_FRAMES"] = "0"
     with LocalComfy(path, ["--cpu", "--base-directory", str(base)], work / "server.log") as url:
         client = ComfyClient(url)
         proc = server_process(url)
@@ -139,6 +142,9 @@ def main() -> int:
     print("live tensor bytes that grew:", sorted(((v, k) for k, v in tgrow.items() if v), reverse=True)[:10])
     ty = {k: last["types"].get(k, 0) - first["types"].get(k, 0) for k in set(first["types"]) | set(last["types"])}
     print("object counts that grew:", sorted(((v, k) for k, v in ty.items() if v > 0), reverse=True)[:15])
+    if args.no_trace:
+        print("work dir:", work)
+        return 0
     a = tracemalloc.Snapshot.load(str(snaps / "1.snap"))
     z = tracemalloc.Snapshot.load(str(snaps / f"{args.blocks + 1}.snap"))
     print("top Python allocation growth (by traceback):")
