@@ -32,7 +32,7 @@ import comfy.utils
 import latent_preview
 
 from .errors import LCMInputError, LCMLoRAError, LCMModelError
-from .fastpath import GraphCache, WeightsWatch
+from .fastpath import GraphCache
 from .guidance import GuidedTimeEmbedding, guidance_embedding, guidance_w
 from .lora import group_lora_modules, module_name_candidates
 from .noise import SeededNoise, check_seed

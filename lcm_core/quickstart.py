@@ -15,7 +15,6 @@ when missing). Unless the pack sits in ``<ComfyUI>/custom_nodes``, ComfyUI runs 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import urllib.request

@@ -10,7 +10,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 from safetensors.torch import save_file
 
 from comfy_harness import REPO
