@@ -173,3 +173,22 @@ def test_fast_path_steps_aside_for_controlnet_patches_lowvram_and_torch_compile(
     assert "extra model inputs ['mask']" in blocker(patcher(), x, None, {}, {"mask": 1})
     assert "low VRAM" in blocker(patcher(lowvram=True), x, None, {}, {})
     assert "torch.compile" in blocker(patcher(options={"torch_compile_kwargs": {"backend": "inductor"}}), x, None, {}, {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+def test_graphs_go_when_comfyui_unloads_the_model(comfy):
+    """/free (unload_all_models) or ComfyUI making room for another model releases the kept graphs."""
+    import comfy.model_management as mm
+
+    from lcm_core import comfy_adapter
+
+    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "unload", "fp16")
+    clone = comfy_adapter._sampling_clone(model, 10.0, True)[0]
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(6)), {}]]
+    stats: dict = {}
+    a = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 16, 16)}, 1, 4, 8.0, fast=True, disable_pbar=True, stats=stats)
+    assert stats["graphs"] == 1 and len(comfy_adapter.graph_cache_of(clone)) == 1
+    mm.unload_all_models()
+    assert len(comfy_adapter.graph_cache_of(clone)) == 0
+    b = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 16, 16)}, 1, 4, 8.0, fast=True, disable_pbar=True)
+    assert torch.equal(a["samples"], b["samples"])  # reloaded and captured again: the same latents

@@ -166,3 +166,7 @@ def test_alternating_models_leave_no_dead_entries_in_comfyuis_loaded_models(runn
     dead = [lm for lm in mm.current_loaded_models if lm.is_dead()]
     assert not dead, f"{len(dead)} dead loaded-model entries; list sizes {sizes}"
     assert sizes[-1] <= sizes[3], sizes
+    # what POST /free {"unload_models": true} runs: every model goes (ComfyUI skips dead entries, so none may be left)
+    assert any(lm.model is not None and lm.model.model.__class__.__name__ == "BaseModel" for lm in mm.current_loaded_models)
+    mm.unload_all_models()
+    assert mm.current_loaded_models == []
