@@ -19,14 +19,6 @@ from .errors import LCMModelError
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def _tensors_of(obj) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning/original-SD checkpoints
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise LCMModelError(f"the file holds a {type(obj).__name__}, not a dict of named tensors.")
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
 def convert_to_safetensors(path: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, int, int]:
     """Write ``path``'s tensors to ``out`` (default: the same name with ``.safetensors``).
 
@@ -50,11 +42,14 @@ def convert_to_safetensors(path: str | os.PathLike, out: str | os.PathLike | Non
             f"{src.name!r} was refused: it is not a plain tensor file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "It may contain code; do not load it with an unrestricted torch.load. Get the .safetensors release instead."
         ) from exc
-    raw = obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
-    tensors = _tensors_of(obj)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning/original-SD checkpoints
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise LCMModelError(f"{src.name!r} holds a {type(obj).__name__}, not a dict of named tensors.")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise LCMModelError(f"{src.name!r} holds no tensors.")
-    dropped = len(raw) - len(tensors) if isinstance(raw, dict) else 0
+    dropped = len(obj) - len(tensors)
     # safetensors stores each tensor once: give views and shared storages their own memory
     tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
     tmp = dst.with_name(dst.name + ".partial")

@@ -104,7 +104,7 @@ def test_conditioning_moves_to_the_sampling_device_without_touching_the_users(co
 
 
 def test_weights_watch_sees_replaced_weights_and_rewalks_after_forget():
-    from lcm_core.fastpath import WeightsWatch, weights_fingerprint
+    from lcm_core.fastpath import WeightsWatch
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     watch = WeightsWatch()
@@ -117,9 +117,6 @@ def test_weights_watch_sees_replaced_weights_and_rewalks_after_forget():
     assert watch(net) == second
     watch.forget()
     assert watch(net) != second
-    before = weights_fingerprint(net)
-    net[2].bias = torch.nn.Parameter(torch.randn(2))
-    assert weights_fingerprint(net) != before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")

@@ -61,7 +61,7 @@ def test_convert_never_overwrites_and_names_what_is_wrong(tmp_path):
     with pytest.raises(LCMModelError, match="not a pickled weights file"):
         convert_to_safetensors(tmp_path / "m.safetensors")
     torch.save([torch.ones(1)], tmp_path / "list.pt")
-    with pytest.raises(LCMModelError, match="not a dict of named tensors"):
+    with pytest.raises(LCMModelError, match="'list.pt' holds a list, not a dict of named tensors"):
         convert_to_safetensors(tmp_path / "list.pt")
     (tmp_path / "broken.ckpt").write_bytes(b"\x80\x04garbage")
     with pytest.raises(LCMModelError, match="broken.ckpt"):
