@@ -37,9 +37,10 @@ def boot_comfy(comfy_path: str, cpu: bool):
 
     comfy.cli_args.args.cpu = cpu
     comfy.cli_args.args.base_directory = tempfile.mkdtemp()
+    import comfy.model_management  # noqa: F401
     import folder_paths  # noqa: F401
     import utils.extra_config  # noqa: F401
-    import comfy.model_management  # noqa: F401
+
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -147,16 +148,16 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
         latent = {"samples": torch.zeros(batch, 4, h, h)}
         seed = 42
 
-        def ours(fast, model=plain, guidance=1.0, stats=None, keep_graphs=True):
+        def ours(fast, model=plain, guidance=1.0, stats=None, keep_graphs=True, latent=latent, seed=seed):
             return comfy_adapter.sample(model, pos, neg, latent, seed, STEPS, guidance, fast=fast, disable_pbar=True, stats=stats,
                                         keep_graphs=keep_graphs)["samples"]
 
-        def native_run(cfg=1.0):
+        def native_run(cfg=1.0, latent=latent, seed=seed, native=native):
             noise = comfy.sample.prepare_noise(latent["samples"], seed)
             return comfy.sample.sample(native, noise, STEPS, cfg, "lcm", "sgm_uniform", pos, neg, latent["samples"],
                                        denoise=1.0, disable_pbar=True, seed=seed)
 
-        def diffusers_run(output_type="latent"):
+        def diffusers_run(output_type="latent", batch=batch, seed=seed, pipe=pipe):
             x, kw = diffusers_inputs(family, 1, h)
             args = dict(prompt_embeds=kw["encoder_hidden_states"], num_inference_steps=STEPS, guidance_scale=1.0,
                         output_type=output_type, num_images_per_prompt=batch, height=h * 8, width=h * 8,
@@ -272,7 +273,7 @@ def targets_table(results: dict) -> list[str]:
 def write_reports(results: dict, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [f"# LCM benchmark results", "",
+    lines = ["# LCM benchmark results", "",
              f"Card: **{results['card']}**. Software: {results['software']}. Date: {results['date']}. "
              f"Measured fp16 matmul rate: {results['matmul_tflops']:.0f} TFLOP/s. {STEPS} steps, guidance 1 (no CFG) unless noted; "
              f"median of {results['reps']} runs after 2 warm-ups; random weights, full-size UNets.", ""]
@@ -315,7 +316,7 @@ def write_reports(results: dict, out: Path):
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, fam in zip(axes, ("sd15", "sdxl")):
+        for ax, fam in zip(axes, ("sd15", "sdxl"), strict=True):
             if fam not in results:
                 continue
             r = results[fam]["rows"]["batch1"]

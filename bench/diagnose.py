@@ -11,10 +11,10 @@ import cProfile
 import logging
 import pstats
 import statistics
-import traceback
-import warnings
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch

@@ -79,13 +79,13 @@ def main() -> int:
     p.add_argument("--native", action="store_true",
                    help="control run: the same alternation with ComfyUI's own nodes only (UNETLoader / LoraLoader + KSampler lcm)")
     args = p.parse_args()
-    from safetensors.torch import save_file
-
     from comfy_harness import find_comfyui, make_base_dir
-    from lcm_core.runner import ComfyClient, LocalComfy
     from models import diffusers_unet_to_ldm, random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
+    from safetensors.torch import save_file
     from test_http import TINY
     from test_reliability import latent_prompt, server_process
+
+    from lcm_core.runner import ComfyClient, LocalComfy
 
     path, _ = find_comfyui()
     sys.path.insert(0, str(path))  # the tiny checkpoint is written with ComfyUI's key maps

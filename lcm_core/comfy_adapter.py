@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
@@ -30,6 +28,7 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 import latent_preview
+import torch
 
 from .errors import LCMInputError, LCMLoRAError, LCMModelError
 from .fastpath import GraphCache

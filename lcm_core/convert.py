@@ -103,5 +103,5 @@ def diffusers_to_conditioning(
         if len(ids) != 6:
             raise LCMInputError(f"add_time_ids must have 6 entries per row (SDXL), got {len(ids)}.")
         keys = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
-        opts.update(dict(zip(keys, ids)))
+        opts.update(dict(zip(keys, ids, strict=True)))
     return [[prompt_embeds, opts]]

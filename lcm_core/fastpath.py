@@ -11,8 +11,8 @@ reloaded) every captured graph is dropped and captured again. Pure torch; nothin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -53,10 +53,10 @@ def _signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
     )
 
 
-_CAPTURE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def _capture_stream() -> "torch.cuda.Stream":
+def _capture_stream() -> torch.cuda.Stream:
     """One side stream per device for every warm-up and capture.
 
     cuBLAS keeps a workspace (tens of MiB) for every stream it has run on, outside what ``empty_cache``
@@ -69,7 +69,7 @@ def _capture_stream() -> "torch.cuda.Stream":
     return stream
 
 
-def _pool_bytes(graph: "torch.cuda.CUDAGraph") -> int:
+def _pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
     """Bytes of the allocator segments that belong to ``graph``'s private memory pool."""
     pool = tuple(graph.pool())
     try:
@@ -80,7 +80,7 @@ def _pool_bytes(graph: "torch.cuda.CUDAGraph") -> int:
 
 @dataclass
 class _Captured:
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor | None]
     output: torch.Tensor
     pool_bytes: int = 0

@@ -14,8 +14,8 @@ ComfyUI's LoRA key map. Nothing here imports ComfyUI.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from .locate import PACK_DIR, cache_dir, find_comfyui
-from .runner import LocalComfy, Overrides, RunnerError, apply_overrides, load_workflow, run_one, ComfyClient
+from .runner import ComfyClient, LocalComfy, Overrides, RunnerError, apply_overrides, load_workflow, run_one
 
 #: Public release of each file name the bundled workflows use: (folder, Hub repository, file in it).
 RELEASES = {

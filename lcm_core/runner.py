@@ -62,7 +62,7 @@ class Overrides:
     image: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def merged(self, item: dict[str, Any]) -> "Overrides":
+    def merged(self, item: dict[str, Any]) -> Overrides:
         data = {k: v for k, v in self.__dict__.items() if k != "extra"}
         unknown = set(item) - set(data)
         if unknown:
@@ -366,7 +366,7 @@ def run_one(client: ComfyClient, api: dict, output: Path, name: str, quiet: bool
     written = []
     output.mkdir(parents=True, exist_ok=True)
     for node_out in history.get("outputs", {}).values():
-        for i, image in enumerate(node_out.get("images", [])):
+        for image in node_out.get("images", []):
             if image.get("type") != "output":
                 continue
             path = output / f"{name}_{len(written):02d}.png"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -184,7 +184,7 @@ def check_custom_timesteps(
         raise LCMInputError(f"{len(ts)} custom timesteps given; at most {MAX_STEPS} are allowed.")
     _check_steps(len(ts), original_inference_steps, num_train_timesteps)
     strength = check_strength(strength)
-    for prev, cur in zip(ts, ts[1:]):
+    for prev, cur in zip(ts, ts[1:], strict=False):
         if cur >= prev:
             raise LCMInputError(
                 f"custom timesteps must be strictly descending, but {cur} follows {prev} in {ts}: sort them high to low."

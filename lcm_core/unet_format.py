@@ -9,8 +9,8 @@ ComfyUI's (``comfy.utils.unet_to_diffusers``), fed with this layout.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from .errors import LCMModelError
 

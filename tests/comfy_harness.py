@@ -43,9 +43,10 @@ def boot_in_process(comfy_path: Path, base: Path):
     comfy.cli_args.args.cpu = os.environ.get("LCM_TEST_GPU") != "1"
     comfy.cli_args.args.base_directory = str(base)
     comfy.cli_args.args.disable_all_custom_nodes = False
+    import comfy.model_management  # noqa: F401
     import folder_paths  # noqa: F401  (reads base_directory)
     import utils.extra_config  # noqa: F401  (ComfyUI needs it before nodes)
-    import comfy.model_management  # noqa: F401
+
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))

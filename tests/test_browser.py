@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from comfy_harness import REPO
 from test_http import TINY, server  # noqa: F401
 

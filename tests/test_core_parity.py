@@ -165,7 +165,7 @@ def test_noise_stream_equals_diffusers_generator_draws(shape, steps):
     ours = draw_noise(42, shape, steps)
     assert torch.equal(ours.initial, ref_initial)
     assert len(ours.steps) == steps - 1
-    for a, b in zip(ours.steps, ref_steps):
+    for a, b in zip(ours.steps, ref_steps, strict=True):
         assert torch.equal(a, b)
 
 

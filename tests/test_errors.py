@@ -7,9 +7,8 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from models import random_lora, save_unet, tiny_sd15_unet, tiny_sdxl_unet
+from safetensors.torch import save_file
 from test_support_nodes import stash
 
 

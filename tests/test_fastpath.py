@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from models import tiny_sd15_unet, tiny_sdxl_unet
 
 
@@ -189,3 +188,40 @@ def test_graphs_go_when_comfyui_unloads_the_model(comfy):
     assert len(comfy_adapter.graph_cache_of(clone)) == 0
     b = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 16, 16)}, 1, 4, 8.0, fast=True, disable_pbar=True)
     assert torch.equal(a["samples"], b["samples"])  # reloaded and captured again: the same latents
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+def test_interrupt_stops_the_fast_path_within_one_step(comfy):
+    """ComfyUI's cancel (what /interrupt sets) stops a graph-replaying run before the next step; the next run is unaffected."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from lcm_core import comfy_adapter
+
+    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "cancel", "fp16")
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(8)), {}]]
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    stats: dict = {}
+    before = comfy_adapter.sample(model, pos, None, latent, 11, 8, 8.0, fast=True, disable_pbar=True, stats=stats)["samples"]
+    assert stats["graph_calls"] == 8
+
+    progress: list[int] = []
+
+    def hook(value, total, preview, node_id=None):
+        progress.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy_adapter.sample(model, pos, None, latent, 11, 8, 8.0, fast=True, disable_pbar=True)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    run_state = comfy_adapter._sampling_clone(model, 10.0, True)[1]
+    assert progress[-1] == 2 and run_state["graph_calls"] == 2, (progress, run_state)  # cancelled after step 2 of 8
+
+    after: dict = {}
+    again = comfy_adapter.sample(model, pos, None, latent, 11, 8, 8.0, fast=True, disable_pbar=True, stats=after)["samples"]
+    assert after["graph_calls"] == 8 and torch.equal(before, again)

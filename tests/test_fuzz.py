@@ -100,8 +100,9 @@ def test_random_bytes_as_model_file(comfy, tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def tiny_model(comfy):
-    from lcm_core import comfy_adapter
     from models import tiny_sd15_unet
+
+    from lcm_core import comfy_adapter
 
     return comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256, seed=9).state_dict()), "fuzz", "fp32")
 

@@ -12,14 +12,13 @@ import subprocess
 import sys
 
 import pytest
+from comfy_harness import REPO
+from models import random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfy_harness import REPO
-from models import random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
-
 from lcm_core import runner as lcm_runner
-from lcm_core.runner import ComfyClient, LocalComfy, apply_overrides, load_workflow, Overrides
+from lcm_core.runner import ComfyClient, LocalComfy, Overrides, apply_overrides, load_workflow
 
 WORKFLOWS = REPO / "workflows"
 TINY = {"ckpt": "tiny-sd15-ckpt.safetensors", "unet": "tiny-lcm-sd15-http.safetensors", "lora": "tiny-sd15-lcm-lora.safetensors"}

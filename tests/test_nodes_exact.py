@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from models import random_lora, save_unet, tiny_sd15_unet, tiny_sdxl_unet, tiny_vae
 
 from lcm_core import conditioning_to_diffusers, diffusers_to_conditioning
@@ -135,7 +134,7 @@ _PIPES: dict = {}
 
 def sdxl_pipeline(unet_factory, lora_path, img2img=False):
     """diffusers' SDXL pipeline with LCMScheduler and the LoRA loaded by load_lora_weights (built once per LoRA)."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, LCMScheduler
+    from diffusers import LCMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     key = str(lora_path)
     if key not in _PIPES:

@@ -10,10 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from comfy_harness import REPO
 from models import random_lora, tiny_sd15_checkpoint, tiny_sd15_unet
+from safetensors.torch import save_file
 
 
 def quickstart(tmp_path: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_http import TINY, server  # noqa: F401  (the session's server fixture)
 
 from lcm_core.runner import ComfyClient, RunnerError
-from test_http import TINY, server  # noqa: F401  (the session's server fixture)
 
 
 def latent_prompt(seed: int, steps: int = 1, size: int = 64, lora: bool = False, timesteps: str = "", prefix: str = "rel") -> dict:
@@ -140,9 +140,8 @@ def test_alternating_models_leave_no_dead_entries_in_comfyuis_loaded_models(runn
     leave a dead slot behind for every prompt (the list grew by one per two prompts before this was fixed).
     """
     import comfy.model_management as mm
-    from safetensors.torch import save_file
-
     from models import random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
+    from safetensors.torch import save_file
 
     models = comfy_base / "models"
     names = {"ckpt": "slots-ckpt.safetensors", "unet": "slots-unet.safetensors", "lora": "slots-lora.safetensors"}

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from workflow_formats import ui_to_api
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
@@ -47,7 +46,7 @@ def test_ui_and_api_formats_are_in_step(comfy, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert ui_to_api(ui, comfy.NODE_CLASS_MAPPINGS) == api
     assert {n["type"] for n in ui["nodes"]} <= set(comfy.NODE_CLASS_MAPPINGS)
-    link_ids = {l[0] for l in ui["links"]}
+    link_ids = {link[0] for link in ui["links"]}
     for node in ui["nodes"]:
         for inp in node.get("inputs", []):
             assert inp["link"] in link_ids

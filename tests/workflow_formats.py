@@ -79,7 +79,7 @@ def api_to_ui(api: dict, classes: dict) -> dict:
 
 
 def ui_to_api(ui: dict, classes: dict) -> dict:
-    links = {l[0]: l for l in ui["links"]}
+    links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
         cls = classes[node["type"]]
@@ -99,8 +99,8 @@ def ui_to_api(ui: dict, classes: dict) -> dict:
                 values.pop(0)
         for inp in node.get("inputs", []):
             if inp.get("link") is not None:
-                l = links[inp["link"]]
-                inputs[inp["name"]] = [str(l[1]), l[2]]
+                link = links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
         if node.get("title"):
             api[str(node["id"])]["_meta"] = {"title": node["title"]}
