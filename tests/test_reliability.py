@@ -116,15 +116,17 @@ def test_memory_flat_over_50_prompts_alternating_models_and_free(server, comfy_b
     for i in range(50):
         client.wait(client.queue(latent_prompt(2000 + i, lora=bool(i % 2), prefix="mem")))
         measured.append(proc.memory_info().rss)
-    # The floor of the last 6 prompts (3 of each model): a model being swapped in shows as a transient of one model's
-    # size (~85 MiB here) at one prompt or another; a leak raises the floor.
-    base, end = min(warm[-6:]), min(measured[-6:])
+    # The RSS alternates between two levels as ComfyUI swaps the two models (one or both resident, ~40-90 MiB apart here),
+    # so a floor or a single reading compares different states. Compare like with like: the peak (both resident) over the
+    # 10 prompts before the 50 against the peak over the last 10 of them. A leak raises it; the swap does not.
+    base, end = max(warm[-10:]), max(measured[-10:])
     growth = (end - base) / base
     with capsys.disabled():
-        print(f"\nserver RSS floor after warm-up {base / 2**20:.0f} MiB, after 50 more prompts {end / 2**20:.0f} MiB, "
-              f"growth {growth * 100:.2f}% (highest seen {max(measured) / 2**20:.0f} MiB)")
-    # Issue #6's target. Before freed models stopped leaving dead entries in ComfyUI's loaded-model list, this grew by
-    # 0.3-6.0% (about 2 MB per prompt).
+        print(f"\nserver RSS peak over the 10 prompts before the 50: {base / 2**20:.0f} MiB, over the last 10 of the 50: "
+              f"{end / 2**20:.0f} MiB, growth {growth * 100:.2f}%")
+        print("RSS MiB per prompt, warm-up:", [r >> 20 for r in warm], "measured:", [r >> 20 for r in measured])
+    # Issue #6's target. A deliberate leak of 2 MiB per prompt (a tensor kept per LCM sample) read 6.1% here and failed;
+    # the dead loaded-model entries fixed earlier are caught exactly by the next test.
     assert growth < 0.05
     client._request("/free", {"unload_models": True, "free_memory": True})
     time.sleep(2)
