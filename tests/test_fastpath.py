@@ -225,3 +225,36 @@ def test_interrupt_stops_the_fast_path_within_one_step(comfy):
     after: dict = {}
     again = comfy_adapter.sample(model, pos, None, latent, 11, 8, 8.0, fast=True, disable_pbar=True, stats=after)["samples"]
     assert after["graph_calls"] == 8 and torch.equal(before, again)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+def test_fast_path_follows_lora_shape_and_dtype_changes(comfy, tmp_path):
+    """The graphs live on ComfyUI's model, shared by its clones: a LoRA patched in or out, a new latent size or another
+    weight dtype must never replay a stale graph. Every run below is checked against the ordinary path."""
+    from models import random_lora
+    from safetensors.torch import save_file
+
+    from lcm_core import comfy_adapter
+
+    unet = tiny_sd15_unet(time_cond_proj_dim=None, seed=12)
+    base = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), "swap", "fp16")
+    save_file(random_lora(unet, "kohya", scale=1.0), str(tmp_path / "swap-lora.safetensors"))
+    lora_model, report = comfy_adapter.apply_lcm_lora(base, str(tmp_path / "swap-lora.safetensors"), 1.0)
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(9)), {}]]
+
+    def fast_equals_ordinary(model, shape):
+        fast, stats = _sample(comfy_adapter, model, pos, True, 1.0, shape)
+        assert stats["graph_calls"] == 4 and stats.get("eager_calls", 0) == 0
+        eager, _ = _sample(comfy_adapter, model, pos, False, 1.0, shape)
+        assert torch.equal(fast, eager)
+        return fast
+
+    plain = fast_equals_ordinary(base, (1, 4, 8, 8))
+    with_lora = fast_equals_ordinary(lora_model, (1, 4, 8, 8))
+    assert not torch.equal(plain, with_lora)  # the LoRA took effect on the fast path
+    assert torch.equal(fast_equals_ordinary(base, (1, 4, 8, 8)), plain)  # and is gone again without it
+    fast_equals_ordinary(base, (1, 4, 16, 16))
+    fast_equals_ordinary(lora_model, (2, 4, 16, 16))
+    fp32 = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), "swap32", "fp32")
+    fast_equals_ordinary(fp32, (1, 4, 8, 8))  # the same weights in fp32: captured for itself
+    assert torch.equal(fast_equals_ordinary(base, (1, 4, 8, 8)), plain)  # and back to the fp16 model
