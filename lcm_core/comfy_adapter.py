@@ -813,7 +813,8 @@ def sample(
         if "first_forward_at" in run_state:
             stats["host_ms_before_first_forward"] = (run_state["first_forward_at"] - started) * 1000
         stats.update(run_state, graphs=len(cache) if cache else 0, graph_pool_bytes=cache.pool_bytes if cache else 0,
-                     capture_seconds=list(cache.capture_seconds) if cache else [], timesteps=list(ts))
+                     capture_seconds=list(cache.capture_seconds) if cache else [],
+                     capture_warmups=list(cache.capture_warmups) if cache else [], timesteps=list(ts))
     if cache is not None and len(cache) and not _keep_graphs_after_run(cache, keep_graphs):
         release_graphs(m)
         if stats is not None:

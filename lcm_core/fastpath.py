@@ -92,6 +92,11 @@ class GraphCache:
 
     Attributes:
         capture_seconds: wall time of each capture (warm-up included), for reporting.
+        capture_warmups: eager warm-up forwards run before each capture.
+        warmed: signatures already run on this model in this process. Warm-up exists for one-time work
+            (cuBLAS/cuDNN handles and workspaces on the capture stream, algorithm choice, lazy init) that must
+            not happen inside a capture; it is not repeated when graphs released earlier (``keep_graphs`` off,
+            model unloaded, weights swapped) are captured again for the same signature.
         replays: number of replays served.
     """
 
@@ -99,6 +104,8 @@ class GraphCache:
     fingerprint: int | None = None
     entries: dict[tuple, _Captured] = field(default_factory=dict)
     capture_seconds: list[float] = field(default_factory=list)
+    capture_warmups: list[int] = field(default_factory=list)
+    warmed: set[tuple] = field(default_factory=set)
     replays: int = 0
     watch: WeightsWatch = field(default_factory=WeightsWatch)
 
@@ -132,8 +139,9 @@ class GraphCache:
         key = _signature(tensors)
         entry = self.entries.get(key)
         if entry is None:
-            entry = self._capture(fn, tensors)
+            entry = self._capture(fn, tensors, 0 if key in self.warmed else self.warmup)
             self.entries[key] = entry
+            self.warmed.add(key)
         else:
             for name, value in tensors.items():
                 if value is not None:
@@ -142,13 +150,13 @@ class GraphCache:
             self.replays += 1
         return entry.output.clone()
 
-    def _capture(self, fn: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor | None]) -> _Captured:
+    def _capture(self, fn: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor | None], warmup: int) -> _Captured:
         start = time.perf_counter()
         static = {k: (v.clone() if v is not None else None) for k, v in tensors.items()}
         stream = _capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(self.warmup):  # let lazy initialisation and allocator warm-up happen outside the graph
+            for _ in range(warmup):  # let lazy initialisation and allocator warm-up happen outside the graph
                 fn(**static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -158,4 +166,5 @@ class GraphCache:
         graph.replay()  # the captured run computed nothing yet: replay once for this call's result
         torch.cuda.synchronize()
         self.capture_seconds.append(time.perf_counter() - start)
+        self.capture_warmups.append(warmup)
         return _Captured(graph=graph, inputs=static, output=output, pool_bytes=max(pool_bytes, 0))

@@ -130,6 +130,7 @@ def test_keep_graphs_off_frees_the_graph_memory_after_the_run(comfy, capsys):
     kept: dict = {}
     a = comfy_adapter.sample(model, pos, None, latent, 5, 4, 8.0, fast=True, disable_pbar=True, stats=kept)["samples"]
     assert kept["graphs"] == 1 and kept["graph_pool_bytes"] > 0 and not kept.get("released_after_run")
+    assert kept["capture_warmups"] == [2]  # the first capture of this signature warms up first
     assert len(comfy_adapter.graph_cache_of(clone)) == 1  # kept for the next run
     comfy_adapter.release_graphs(clone)
     torch.cuda.synchronize()
@@ -140,9 +141,10 @@ def test_keep_graphs_off_frees_the_graph_memory_after_the_run(comfy, capsys):
         b = comfy_adapter.sample(model, pos, None, latent, 5 if seed == 0 else seed, 4, 8.0, fast=True, disable_pbar=True,
                                  stats=freed, keep_graphs=False)["samples"]
         assert freed["graph_calls"] == 4 and freed["released_after_run"]
+        assert freed["capture_warmups"][-1] == 0  # captured again without eager warm-up forwards
         assert len(comfy_adapter.graph_cache_of(clone)) == 0
         if seed == 0:
-            assert torch.equal(a, b)
+            assert torch.equal(a, b)  # the capture without warm-up gives the same latents
         torch.cuda.synchronize()
         reserved.append(torch.cuda.memory_reserved())
     with capsys.disabled():
