@@ -300,7 +300,7 @@ def write_reports(results: dict, out: Path):
                       f"- Exactness (fp16 latents, max abs diff): fast vs ordinary {r1['fast_vs_ordinary_max_abs_diff']:.3g}; with guidance embedding {r1['guided_fast_vs_ordinary_max_abs_diff']:.3g}; "
                       f"ordinary run twice {r1['eager_vs_eager_max_abs_diff']:.3g}; ordinary with cuDNN autotuning toggled {r1['eager_cudnn_benchmark_toggled_max_abs_diff']:.3g}.",
                       f"- First-call capture cost (warm-up + capture of one forward signature): {r1['capture_seconds_first']:.2f} s, paid once per model, shape and batch while the model stays loaded; "
-                      f"the graphs hold {r1['graph_pool_mib']:.0f} MiB of GPU memory meanwhile. With keep_graphs off (capture every run, nothing held between prompts): {r1['lcm_fast_keep_graphs_off_latents_ms']:.1f} ms to latents.",
+                      f"the graphs hold {r1['graph_pool_mib']:.0f} MiB of GPU memory meanwhile. With keep_graphs 'never' (captured again every run, nothing held between prompts): {r1['lcm_fast_keep_graphs_off_latents_ms']:.1f} ms to latents.",
                       f"- Where the fast path's {r1['lcm_fast_latents_ms']:.1f} ms go: the GPU is busy {r1['fast_gpu_busy_ms']:.1f} ms (4 UNet forwards and the LCM arithmetic); "
                       f"{r1['fast_host_ms_before_first_forward']:.1f} ms of host work (ComfyUI's sampling set-up, conditioning, noise) come before the first forward is queued."]
             b4 = d["rows"].get("batch4")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ import latent_preview
 import torch
 
 from .errors import LCMInputError, LCMLoRAError, LCMModelError
-from .fastpath import GraphCache
+from .fastpath import GraphCache, keep_graphs_mode
 from .guidance import GuidedTimeEmbedding, guidance_embedding, guidance_w
 from .lora import group_lora_modules, module_name_candidates
 from .noise import SeededNoise, check_seed
@@ -589,14 +590,32 @@ def _release_if_unloaded(patcher, *args, **kwargs) -> None:
         release_graphs(patcher)
 
 
-def _keep_graphs_after_run(cache: GraphCache, keep_graphs: bool) -> bool:
-    """Whether a model's graphs stay after a run: asked for, and the GPU not short of memory.
+def _prompts_waiting() -> int | None:
+    """Prompts waiting in the ComfyUI server's queue behind the running one; None when no server runs this
+    (a library call, or ComfyUI's executor driven in-process)."""
+    server = sys.modules.get("server")
+    queue = getattr(getattr(getattr(server, "PromptServer", None), "instance", None), "prompt_queue", None)
+    if queue is None:
+        return None
+    try:
+        return max(0, int(queue.get_tasks_remaining()) - len(queue.currently_running))
+    except (AttributeError, TypeError, ValueError):
+        return None
 
-    ComfyUI counts memory PyTorch has reserved but not handed out as free, and the graphs' private pool
-    looks like that while no other allocation can use it; so the pool is subtracted, and the graphs go
-    when what is left is under ComfyUI's minimum for inference (or under the pool's own size).
+
+def _keep_graphs_after_run(cache: GraphCache, mode: str) -> bool:
+    """Whether a model's graphs stay after a run: the mode allows it, and the GPU is not short of memory.
+
+    "while queued" keeps them only while more prompts wait in ComfyUI's queue (or when no server runs this),
+    so an idle ComfyUI holds no graph memory. ComfyUI counts memory PyTorch has reserved but not handed out
+    as free, and the graphs' private pool looks like that while no other allocation can use it; so the pool
+    is subtracted, and the graphs go when what is left is under ComfyUI's minimum for inference (or under
+    the pool's own size).
     """
-    if not keep_graphs:
+    if mode == "never":
+        return False
+    if mode == "while queued" and _prompts_waiting() == 0:
+        log.debug("LCM fast path: no prompt waiting in the queue; freeing %.0f MiB of CUDA graphs.", cache.pool_bytes / 2**20)
         return False
     device = comfy.model_management.get_torch_device()
     free = comfy.model_management.get_free_memory(device) - cache.pool_bytes
@@ -753,7 +772,7 @@ def sample(
     disable_pbar: bool = False,
     fast: bool = True,
     stats: dict | None = None,
-    keep_graphs: bool = True,
+    keep_graphs: str | bool = "while queued",
 ) -> dict:
     """Run LCM multi-step consistency sampling on a ComfyUI MODEL; returns a new LATENT.
 
@@ -761,14 +780,15 @@ def sample(
     negative prompt is not used; otherwise ``guidance_scale > 1`` is classifier-free guidance with
     ``negative`` (zeros when none is connected, as diffusers' SDXL pipeline does), cond and uncond in
     one batched forward. ``fast`` replays the UNet forward as a CUDA graph where that is safe (see
-    :func:`_fast_path_blocker`); with ``keep_graphs`` the graphs (and their GPU memory) stay for later runs
-    while ComfyUI keeps the model loaded and memory is not short (:func:`_keep_graphs_after_run`), without
-    it they are freed when the run ends; ``stats``, when given, receives what the fast path did. Noise comes from :class:`~lcm_core.noise.SeededNoise`, so a seed reproduces
+    :func:`_fast_path_blocker`); ``keep_graphs`` (one of :data:`~lcm_core.fastpath.KEEP_GRAPHS_MODES`, or a
+    bool for "always"/"never") says whether the graphs and their GPU memory stay for later runs while ComfyUI
+    keeps the model loaded and memory is not short (:func:`_keep_graphs_after_run`); ``stats``, when given, receives what the fast path did. Noise comes from :class:`~lcm_core.noise.SeededNoise`, so a seed reproduces
     diffusers' pipeline called with ``torch.Generator("cpu").manual_seed(seed)``.
     """
     started = time.perf_counter()
     check_eps_model(model)
     check_seed(seed)
+    keep_graphs = keep_graphs_mode(keep_graphs)
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not 0.0 <= guidance_scale <= 100.0:
         raise LCMInputError(f"guidance_scale={guidance_scale!r} is out of range: use 0 to 100 (8 for LCM UNets, 1-2 or 0 for LCM-LoRA).")
     if not isinstance(timestep_scaling, (int, float)) or not math.isfinite(timestep_scaling) or timestep_scaling <= 0:

@@ -16,6 +16,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import LCMInputError
+
+#: What happens to a model's captured graphs when a sampling run ends: kept for the next run only while more
+#: prompts wait in ComfyUI's queue (the default: capture is amortised over a queue, and nothing stays allocated
+#: once the queue is empty), always kept while ComfyUI keeps the model loaded, or freed after every run.
+KEEP_GRAPHS_MODES = ("while queued", "always", "never")
+
+
+def keep_graphs_mode(value: object) -> str:
+    """``value`` as one of :data:`KEEP_GRAPHS_MODES` (``True``/``False`` mean "always"/"never")."""
+    if value is True or value is False:
+        return "always" if value else "never"
+    if isinstance(value, str) and value in KEEP_GRAPHS_MODES:
+        return value
+    raise LCMInputError(f"keep_graphs={value!r} is not one of {list(KEEP_GRAPHS_MODES)}: pick one of those "
+                        "('while queued' keeps the GPU fast path's graphs only while more prompts are queued).")
+
 
 class WeightsWatch:
     """A hash of the storage addresses, shapes and dtypes of a module's parameters and buffers, cheap enough
@@ -95,7 +112,7 @@ class GraphCache:
         capture_warmups: eager warm-up forwards run before each capture.
         warmed: signatures already run on this model in this process. Warm-up exists for one-time work
             (cuBLAS/cuDNN handles and workspaces on the capture stream, algorithm choice, lazy init) that must
-            not happen inside a capture; it is not repeated when graphs released earlier (``keep_graphs`` off,
+            not happen inside a capture; it is not repeated when graphs released earlier (``keep_graphs`` "never",
             model unloaded, weights swapped) are captured again for the same signature.
         replays: number of replays served.
     """

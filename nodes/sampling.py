@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..lcm_core.fastpath import KEEP_GRAPHS_MODES
 from ..lcm_core.schedule import MAX_STEPS, STRENGTH_MODES, parse_timesteps
 
 CATEGORY = "sampling/lcm"
@@ -11,11 +12,12 @@ CATEGORY = "sampling/lcm"
 
 def _keep_graphs_input():
     # Appended after every other input: saved UI workflows list widget values by position, so new widgets go last.
-    return io.Boolean.Input(
-        "keep_graphs", default=True, optional=True,
-        tooltip="Fast path: keep the captured graphs, and the GPU memory they hold, for the next runs while the model "
-        "stays loaded (capture is paid once). They are freed when ComfyUI unloads the model or GPU memory runs "
-        "short. Off: freed at the end of every run, so nothing stays allocated between prompts.",
+    return io.Combo.Input(
+        "keep_graphs", options=list(KEEP_GRAPHS_MODES), default=KEEP_GRAPHS_MODES[0], optional=True,
+        tooltip="GPU fast path: what happens to the captured graphs (about 260 MiB of GPU memory) after this run. "
+        "'while queued': kept while more prompts wait in the queue, so a queue pays the capture once and an idle "
+        "ComfyUI holds nothing. 'always': kept while the model stays loaded (fastest for one prompt at a time). "
+        "'never': freed after every run. ComfyUI unloading the model or GPU memory running short frees them anyway.",
     )
 
 
@@ -73,7 +75,7 @@ class LCMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, negative=None,
-                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, keep_graphs=True) -> io.NodeOutput:
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, keep_graphs="while queued") -> io.NodeOutput:
         from ..lcm_core import comfy_adapter
 
         out = comfy_adapter.sample(
@@ -112,7 +114,7 @@ class LCMImg2Img(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, strength, negative=None,
                 original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, strength_mode="lcm",
-                keep_graphs=True) -> io.NodeOutput:
+                keep_graphs="while queued") -> io.NodeOutput:
         from ..lcm_core import comfy_adapter
 
         out = comfy_adapter.sample(

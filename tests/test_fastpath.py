@@ -260,3 +260,67 @@ def test_fast_path_follows_lora_shape_and_dtype_changes(comfy, tmp_path):
     fp32 = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), "swap32", "fp32")
     fast_equals_ordinary(fp32, (1, 4, 8, 8))  # the same weights in fp32: captured for itself
     assert torch.equal(fast_equals_ordinary(base, (1, 4, 8, 8)), plain)  # and back to the fp16 model
+
+
+def test_keep_graphs_modes_follow_comfyuis_queue(comfy, monkeypatch):
+    """'while queued' keeps the graphs only while prompts wait in the server's queue; 'always'/'never' as named;
+    a bad value is refused before any model work."""
+    import sys
+    from types import SimpleNamespace
+
+    from lcm_core import LCMInputError, comfy_adapter
+    from lcm_core.fastpath import GraphCache, keep_graphs_mode
+
+    class Queue:  # the two things ComfyUI's PromptQueue is asked: its task count, and what is running now
+        def __init__(self, waiting):
+            self.waiting = waiting
+            self.currently_running = {1: "this prompt"}
+
+        def get_tasks_remaining(self):
+            return self.waiting + len(self.currently_running)
+
+    cache = GraphCache()
+    keep = comfy_adapter._keep_graphs_after_run
+    monkeypatch.delitem(sys.modules, "server", raising=False)  # a library call: no server, no queue
+    assert comfy_adapter._prompts_waiting() is None
+    assert keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
+    server = SimpleNamespace(PromptServer=SimpleNamespace(instance=SimpleNamespace(prompt_queue=Queue(0))))
+    monkeypatch.setitem(sys.modules, "server", server)
+    assert comfy_adapter._prompts_waiting() == 0
+    assert not keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
+    server.PromptServer.instance.prompt_queue = Queue(3)
+    assert comfy_adapter._prompts_waiting() == 3
+    assert keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
+
+    assert keep_graphs_mode(True) == "always" and keep_graphs_mode(False) == "never"
+    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "modes", "fp32")
+    pos = [[torch.zeros(1, 77, 768), {}]]
+    with pytest.raises(LCMInputError, match=r"keep_graphs='sometimes' is not one of \['while queued', 'always', 'never'\]"):
+        comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 0, 4, 8.0, keep_graphs="sometimes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+def test_while_queued_frees_the_graphs_when_the_queue_is_empty(comfy, monkeypatch):
+    """The default: graphs stay while another prompt waits, and go after the last one; the latents never change."""
+    import sys
+    from types import SimpleNamespace
+
+    from lcm_core import comfy_adapter
+
+    queue = SimpleNamespace(waiting=2, currently_running={1: "this prompt"})
+    queue.get_tasks_remaining = lambda: queue.waiting + len(queue.currently_running)
+    monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=SimpleNamespace(prompt_queue=queue))))
+    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "queued", "fp16")
+    clone = comfy_adapter._sampling_clone(model, 10.0, True)[0]
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(10)), {}]]
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    results = []
+    for waiting in (2, 1, 0):
+        queue.waiting = waiting
+        stats: dict = {}
+        results.append(comfy_adapter.sample(model, pos, None, latent, 3, 4, 8.0, fast=True, disable_pbar=True, stats=stats)["samples"])
+        assert stats["graph_calls"] == 4
+        assert len(comfy_adapter.graph_cache_of(clone)) == (1 if waiting else 0), waiting
+        assert bool(stats.get("released_after_run")) == (waiting == 0)
+    assert stats["capture_warmups"] == [2]  # captured once, replayed by the queued prompts
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

@@ -81,9 +81,9 @@ def test_workflows_saved_before_keep_graphs_still_load(comfy, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     for node in ui["nodes"]:
         if node["type"] in ("LCMSampler", "LCMImg2Img"):
-            assert node["widgets_values"][-1] is True
+            assert node["widgets_values"][-1] == "while queued"
             node["widgets_values"] = node["widgets_values"][:-1]
-    assert ui_to_api(ui, comfy.NODE_CLASS_MAPPINGS) == api  # keep_graphs falls back to its default, True
+    assert ui_to_api(ui, comfy.NODE_CLASS_MAPPINGS) == api  # keep_graphs falls back to its default, 'while queued'
 
 
 def test_new_sampler_inputs_come_after_every_existing_widget(comfy):
