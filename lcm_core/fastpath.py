@@ -11,6 +11,7 @@ reloaded) every captured graph is dropped and captured again. Pure torch; nothin
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -108,8 +109,8 @@ class GraphCache:
     """Captured forwards of one model, keyed by input signature, valid for one weights fingerprint.
 
     Attributes:
-        capture_seconds: wall time of each capture (warm-up included), for reporting.
-        capture_warmups: eager warm-up forwards run before each capture.
+        capture_seconds: wall time of each capture (warm-up included), for reporting (the last 100).
+        capture_warmups: eager warm-up forwards run before each capture (the last 100).
         warmed: signatures already run on this model in this process. Warm-up exists for one-time work
             (cuBLAS/cuDNN handles and workspaces on the capture stream, algorithm choice, lazy init) that must
             not happen inside a capture; it is not repeated when graphs released earlier (``keep_graphs`` "never",
@@ -120,8 +121,8 @@ class GraphCache:
     warmup: int = 2
     fingerprint: int | None = None
     entries: dict[tuple, _Captured] = field(default_factory=dict)
-    capture_seconds: list[float] = field(default_factory=list)
-    capture_warmups: list[int] = field(default_factory=list)
+    capture_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # bounded: a server captures
+    capture_warmups: deque[int] = field(default_factory=lambda: deque(maxlen=100))  # again after every idle prompt
     warmed: set[tuple] = field(default_factory=set)
     replays: int = 0
     watch: WeightsWatch = field(default_factory=WeightsWatch)
