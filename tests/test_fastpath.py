@@ -268,29 +268,29 @@ def test_keep_graphs_modes_follow_comfyuis_queue(comfy, monkeypatch):
     import sys
     from types import SimpleNamespace
 
+    import execution  # ComfyUI's own PromptQueue, as the server holds it
+
     from lcm_core import LCMInputError, comfy_adapter
     from lcm_core.fastpath import GraphCache, keep_graphs_mode
 
-    class Queue:  # the two things ComfyUI's PromptQueue is asked: its task count, and what is running now
-        def __init__(self, waiting):
-            self.waiting = waiting
-            self.currently_running = {1: "this prompt"}
-
-        def get_tasks_remaining(self):
-            return self.waiting + len(self.currently_running)
+    queue = execution.PromptQueue(SimpleNamespace(queue_updated=lambda: None))
+    for number in range(4):
+        queue.put((number, f"prompt-{number}", {}, {}, []))
+    queue.get()  # the prompt running now; 3 wait behind it
 
     cache = GraphCache()
     keep = comfy_adapter._keep_graphs_after_run
     monkeypatch.delitem(sys.modules, "server", raising=False)  # a library call: no server, no queue
     assert comfy_adapter._prompts_waiting() is None
     assert keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
-    server = SimpleNamespace(PromptServer=SimpleNamespace(instance=SimpleNamespace(prompt_queue=Queue(0))))
+    server = SimpleNamespace(PromptServer=SimpleNamespace(instance=SimpleNamespace(prompt_queue=queue)))
     monkeypatch.setitem(sys.modules, "server", server)
-    assert comfy_adapter._prompts_waiting() == 0
-    assert not keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
-    server.PromptServer.instance.prompt_queue = Queue(3)
     assert comfy_adapter._prompts_waiting() == 3
     assert keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
+    for _ in range(3):
+        queue.get()  # the rest start (ComfyUI runs one at a time; here they only leave the queue)
+    assert comfy_adapter._prompts_waiting() == 0
+    assert not keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
 
     assert keep_graphs_mode(True) == "always" and keep_graphs_mode(False) == "never"
     model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "modes", "fp32")
