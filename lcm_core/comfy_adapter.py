@@ -540,23 +540,23 @@ def _inputs_to_device(guider, device: torch.device) -> None:
     if guider is None:
         return
     conds = getattr(guider, "conds", None)
-    if isinstance(conds, dict):
-        for entries in conds.values():
-            for entry in entries if isinstance(entries, list) else ():
-                model_conds = entry.get("model_conds") if isinstance(entry, dict) else None
-                if not model_conds:
-                    continue
-                moved = {}
-                for name, cond in model_conds.items():
-                    tensor = getattr(cond, "cond", None)
-                    if isinstance(tensor, torch.Tensor) and tensor.device != device:
-                        cond = copy.copy(cond)
-                        cond.cond = tensor.to(device)
-                    moved[name] = cond
-                entry["model_conds"] = moved
+    entries = [e for group in conds.values() if isinstance(group, list) for e in group] if isinstance(conds, dict) else []
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("model_conds"):
+            entry["model_conds"] = {name: _cond_on(cond, device) for name, cond in entry["model_conds"].items()}
     model_sampling = getattr(getattr(guider, "inner_model", None), "model_sampling", None)
     if isinstance(model_sampling, LCMModelSampling) and model_sampling.sigmas.device != device:
         model_sampling.to(device)  # ours (an object patch of the sampling clone): timestep() then never leaves the GPU
+
+
+def _cond_on(cond, device: torch.device):
+    """A copy of one of ComfyUI's COND objects whose tensor is on ``device`` (the object itself when it already is)."""
+    tensor = getattr(cond, "cond", None)
+    if not isinstance(tensor, torch.Tensor) or tensor.device == device:
+        return cond
+    moved = copy.copy(cond)
+    moved.cond = tensor.to(device)
+    return moved
 
 
 FAST_WRAPPER_KEY = "lcm_nodes_cuda_graph"
