@@ -1,42 +1,39 @@
-"""lcm_core: Latent Consistency Model maths and ComfyUI <-> diffusers translation.
+"""lcm_core: the Latent Consistency Model library of LCM Nodes. torch + safetensors only.
 
-Importing this package never imports ComfyUI; :mod:`lcm_core.comfy_adapter` is the one module that does,
-and it is imported only when a node runs.
+No ComfyUI, no diffusers and no network here: the schedule and run planning (:mod:`.schedule`, :mod:`.config`),
+the one LCM step production runs (:mod:`.step`), the guidance embedding (:mod:`.guidance`), diffusers' seeded
+noise (:mod:`.noise`), LoRA parsing and matching (:mod:`.lora`), UNet layout and config checks
+(:mod:`.unet_format`), weights I/O (:mod:`.weights`), the CUDA-graph cache (:mod:`.graphs`) and the errors
+(:mod:`.errors`). The ComfyUI adapter is the sibling package ``lcm_comfy``; the tools are ``lcm_tools``.
 """
 
-from .convert import (
-    LATENT_SCALE_FACTORS,
-    DiffusersConditioning,
-    conditioning_to_diffusers,
-    diffusers_to_conditioning,
-    latent_from_diffusers,
-    latent_to_diffusers,
-)
+from .config import SamplingConfig, SamplingStats
 from .errors import LCMError, LCMInputError, LCMLoRAError, LCMModelError
+from .graphs import KEEP_GRAPHS_MODES, GraphCache, keep_graphs_mode
 from .guidance import GuidedTimeEmbedding, guidance_embedding, guidance_w
-from .lora import group_lora_modules, module_name_candidates
-from .noise import NoiseStream, check_seed, draw_noise
+from .lora import LoRAReport, check_fit, group_lora_modules, match_lora, module_name_candidates
+from .noise import SeededNoise, check_seed
 from .schedule import (
     MAX_STEPS,
     STRENGTH_MODES,
     NoiseSchedule,
-    boundary_scalings,
     check_custom_timesteps,
     check_strength,
-    consistency_denoise,
     lcm_timesteps,
     parse_timesteps,
-    predicted_original,
-    renoise,
+    plan_timesteps,
     truncate_for_strength,
 )
-from .unet_format import UNetLayout, classify_state_dict, diffusers_unet_layout
+from .step import boundary_scalings, consistency_denoise, lcm_step, predicted_original, renoise
+from .unet_format import UNetLayout, check_unet_config, classify_state_dict, diffusers_unet_layout
+from .weights import convert_to_safetensors, load_safetensors, resolve_unet_files
 
 __all__ = [
-    "LATENT_SCALE_FACTORS", "DiffusersConditioning", "conditioning_to_diffusers", "diffusers_to_conditioning",
-    "latent_from_diffusers", "latent_to_diffusers", "LCMError", "LCMInputError", "LCMLoRAError", "LCMModelError",
-    "GuidedTimeEmbedding", "guidance_embedding", "guidance_w", "group_lora_modules", "module_name_candidates",
-    "NoiseStream", "check_seed", "draw_noise", "MAX_STEPS", "STRENGTH_MODES", "NoiseSchedule", "boundary_scalings",
-    "check_custom_timesteps", "check_strength", "consistency_denoise", "lcm_timesteps", "parse_timesteps",
-    "predicted_original", "renoise", "truncate_for_strength", "UNetLayout", "classify_state_dict", "diffusers_unet_layout",
+    "SamplingConfig", "SamplingStats", "LCMError", "LCMInputError", "LCMLoRAError", "LCMModelError",
+    "KEEP_GRAPHS_MODES", "GraphCache", "keep_graphs_mode", "GuidedTimeEmbedding", "guidance_embedding", "guidance_w",
+    "LoRAReport", "check_fit", "group_lora_modules", "match_lora", "module_name_candidates", "SeededNoise", "check_seed",
+    "MAX_STEPS", "STRENGTH_MODES", "NoiseSchedule", "check_custom_timesteps", "check_strength", "lcm_timesteps",
+    "parse_timesteps", "plan_timesteps", "truncate_for_strength", "boundary_scalings", "consistency_denoise", "lcm_step",
+    "predicted_original", "renoise", "UNetLayout", "check_unet_config", "classify_state_dict", "diffusers_unet_layout",
+    "convert_to_safetensors", "load_safetensors", "resolve_unet_files",
 ]

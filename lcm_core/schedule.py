@@ -1,8 +1,7 @@
-"""LCM noise schedule and timestep selection.
+"""LCM noise schedule, timestep selection and run planning (which timesteps a run visits).
 
 These follow the Latent Consistency Model paper (Luo et al. 2023) and match
-``diffusers.LCMScheduler`` exactly (see ``tests/test_schedule.py``, which uses
-diffusers as the oracle). The pack keeps its own copy because the sampler needs
+``diffusers.LCMScheduler`` exactly (``tests/test_core_parity.py`` uses diffusers as the oracle). The pack keeps its own copy because the sampler needs
 plain integer lists it can hand to ComfyUI and to a captured GPU loop, and
 because every bad value must produce an :class:`~lcm_core.errors.LCMInputError`
 naming the fix instead of a bare ``ValueError`` from deep inside a scheduler.
@@ -208,37 +207,29 @@ def check_custom_timesteps(
     return ts[max(n - init, 0) :]
 
 
-def boundary_scalings(timestep: torch.Tensor | float, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
-    """Consistency-model boundary condition ``(c_skip, c_out)`` at a discrete timestep.
+def plan_timesteps(
+    steps: int,
+    original_inference_steps: int = 50,
+    custom_timesteps: Sequence[int] | None = None,
+    strength: float = 1.0,
+    strength_mode: str = "lcm",
+    num_train_timesteps: int = 1000,
+) -> list[int]:
+    """The timesteps a run visits, with diffusers' semantics for each ``strength_mode``.
 
-    ``c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)`` and ``c_out = s t / sqrt((s t)^2 + sigma_data^2)``
-    with ``s = timestep_scaling`` (10 for every public LCM); c_skip -> 1, c_out -> 0 as t -> 0.
+    ``"lcm"``: ``LatentConsistencyModel(Img2Img)Pipeline``, strength shortens the distillation schedule before the
+    steps are picked (custom timesteps: the last ``int(n * strength)`` are kept). ``"truncate"``: the SD/SDXL
+    img2img pipelines, the full schedule is built and its first steps dropped (:func:`truncate_for_strength`).
     """
-    scaled = timestep * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
-    return c_skip, c_out
-
-
-def predicted_original(sample: torch.Tensor, eps: torch.Tensor, alpha_prod_t: torch.Tensor | float) -> torch.Tensor:
-    """x0 from an epsilon prediction: ``(x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``."""
-    alpha = torch.as_tensor(alpha_prod_t, dtype=sample.dtype, device=sample.device)
-    return (sample - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-
-
-def consistency_denoise(
-    sample: torch.Tensor,
-    eps: torch.Tensor,
-    timestep: int,
-    alpha_prod_t: torch.Tensor | float,
-    timestep_scaling: float = 10.0,
-) -> torch.Tensor:
-    """The consistency function ``f(x_t, t) = c_skip x_t + c_out x0``; ``LCMScheduler.step``'s ``denoised``."""
-    c_skip, c_out = boundary_scalings(timestep, timestep_scaling)
-    return c_out * predicted_original(sample, eps, alpha_prod_t) + c_skip * sample
-
-
-def renoise(denoised: torch.Tensor, noise: torch.Tensor, alpha_prod_next: torch.Tensor | float) -> torch.Tensor:
-    """Forward-diffuse a clean estimate to the next timestep: ``sqrt(a) x0 + sqrt(1 - a) noise``."""
-    alpha = torch.as_tensor(alpha_prod_next, dtype=denoised.dtype, device=denoised.device)
-    return alpha.sqrt() * denoised + (1 - alpha).sqrt() * noise
+    if strength_mode not in STRENGTH_MODES:
+        raise LCMInputError(f"strength_mode={strength_mode!r} is not one of {list(STRENGTH_MODES)}: pick one of those.")
+    strength = check_strength(strength)
+    if strength_mode == "lcm":
+        if custom_timesteps:
+            return check_custom_timesteps(custom_timesteps, original_inference_steps, strength, num_train_timesteps)
+        return lcm_timesteps(steps, original_inference_steps, strength, num_train_timesteps)
+    if custom_timesteps:
+        full = check_custom_timesteps(custom_timesteps, original_inference_steps, 1.0, num_train_timesteps)
+    else:
+        full = lcm_timesteps(steps, original_inference_steps, 1.0, num_train_timesteps)
+    return truncate_for_strength(full, strength)

@@ -1,4 +1,4 @@
-"""Recognising model files and reading the layout of a diffusers-format UNet from its weights.
+"""Recognising model files, reading the layout of a diffusers-format UNet from its weights, checking its config.
 
 ComfyUI's own diffusers-UNet loader only accepts a fixed list of full-size configurations. The pack
 reads the block layout (levels, res blocks, transformer depths) from the weight names instead, so any
@@ -8,6 +8,8 @@ ComfyUI's (``comfy.utils.unet_to_diffusers``), fed with this layout.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -144,3 +146,22 @@ def diffusers_unet_layout(sd: Mapping[str, object]) -> UNetLayout:
         use_linear_in_transformer=use_linear,
         cond_proj_dim=int(cond.shape[1]) if cond is not None else None,  # type: ignore[attr-defined]
     )
+
+
+def check_unet_config(config_path: str | None, layout: UNetLayout) -> None:
+    """Check a diffusers ``config.json`` beside a UNet against the layout read from its weights (None: no config)."""
+    if config_path is None:
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LCMModelError(f"config {os.path.basename(config_path)!r} beside the UNet is not valid JSON: {exc}") from exc
+    if config.get("_class_name") not in (None, "UNet2DConditionModel"):
+        raise LCMModelError(f"config {config_path!r} describes a {config.get('_class_name')}, not a UNet2DConditionModel.")
+    cfg_dim = config.get("time_cond_proj_dim")
+    if cfg_dim != layout.cond_proj_dim:
+        raise LCMModelError(
+            f"config.json says time_cond_proj_dim={cfg_dim} but the weights have {layout.cond_proj_dim}: "
+            "the config and the weights do not belong together."
+        )

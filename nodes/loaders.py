@@ -88,10 +88,10 @@ class LCMLoadUNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str = "default", default_guidance: float = 8.0) -> io.NodeOutput:
-        from ..lcm_core import comfy_adapter
+        from ..lcm_comfy import loading
 
         path = resolve_unet(unet_name)
-        return io.NodeOutput(comfy_adapter.load_lcm_unet(path, weight_dtype, default_guidance))
+        return io.NodeOutput(loading.load_lcm_unet(path, weight_dtype, default_guidance))
 
 
 class LCMApplyLoRA(io.ComfyNode):
@@ -125,9 +125,9 @@ class LCMApplyLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float = 1.0, allow_partial: bool = False) -> io.NodeOutput:
-        from ..lcm_core import comfy_adapter
+        from ..lcm_comfy import lora_patch
 
         _safe_name(lora_name, "lora_name")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        patched, _report = comfy_adapter.apply_lcm_lora(model, path, strength, allow_partial)
+        patched, _report = lora_patch.apply_lcm_lora(model, path, strength, allow_partial)
         return io.NodeOutput(patched)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lcm_core.fastpath import KEEP_GRAPHS_MODES
+from ..lcm_core.config import SamplingConfig
+from ..lcm_core.graphs import KEEP_GRAPHS_MODES
 from ..lcm_core.schedule import MAX_STEPS, STRENGTH_MODES, parse_timesteps
 
 CATEGORY = "sampling/lcm"
@@ -76,13 +77,13 @@ class LCMSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, negative=None,
                 original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, keep_graphs="while queued") -> io.NodeOutput:
-        from ..lcm_core import comfy_adapter
+        from ..lcm_comfy import sampler
 
-        out = comfy_adapter.sample(
-            model, positive, negative, latent_image, seed, steps, guidance_scale,
-            original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
-            timestep_scaling=timestep_scaling, from_image=False, fast=fast, keep_graphs=keep_graphs,
+        config = SamplingConfig(
+            seed=seed, steps=steps, guidance_scale=guidance_scale, original_inference_steps=original_inference_steps,
+            timesteps=parse_timesteps(timesteps), timestep_scaling=timestep_scaling, fast=fast, keep_graphs=keep_graphs,
         )
+        out, _stats = sampler.sample(model, positive, negative, latent_image, config)
         return io.NodeOutput(out)
 
 
@@ -115,12 +116,12 @@ class LCMImg2Img(io.ComfyNode):
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, strength, negative=None,
                 original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, strength_mode="lcm",
                 keep_graphs="while queued") -> io.NodeOutput:
-        from ..lcm_core import comfy_adapter
+        from ..lcm_comfy import sampler
 
-        out = comfy_adapter.sample(
-            model, positive, negative, latent_image, seed, steps, guidance_scale,
-            original_inference_steps=original_inference_steps, timesteps=parse_timesteps(timesteps),
-            strength=strength, strength_mode=strength_mode, timestep_scaling=timestep_scaling, from_image=True, fast=fast,
-            keep_graphs=keep_graphs,
+        config = SamplingConfig(
+            seed=seed, steps=steps, guidance_scale=guidance_scale, original_inference_steps=original_inference_steps,
+            timesteps=parse_timesteps(timesteps), strength=strength, strength_mode=strength_mode, from_image=True,
+            timestep_scaling=timestep_scaling, fast=fast, keep_graphs=keep_graphs,
         )
+        out, _stats = sampler.sample(model, positive, negative, latent_image, config)
         return io.NodeOutput(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_harness import REPO, StubServer, boot_in_process, find_comfyui, make_base_dir  # noqa: E402
+from comfy_harness import PACK_MODULE, REPO, StubServer, boot_in_process, find_comfyui, make_base_dir  # noqa: E402
 
 # lcm_core is importable on its own; the repo root goes last so ComfyUI's top-level `nodes` module wins.
 if str(REPO) not in sys.path:
@@ -55,6 +55,25 @@ def comfy(comfy_base):
 
     test_support_nodes.register(nodes)
     return nodes
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack as ComfyUI loaded it from custom_nodes/ (the very modules its nodes run), with ``pack.comfy``
+    (lcm_comfy's modules) and ``pack.core`` (lcm_core's, whose error classes are the ones the nodes raise)."""
+    return loaded_pack()
+
+
+def loaded_pack():
+    import importlib
+    import types
+
+    names = [n for n, m in sys.modules.items() if n.endswith("custom_nodes/" + PACK_MODULE) and hasattr(m, "__path__")]
+    assert len(names) == 1, f"ComfyUI did not load the pack exactly once: {names}"
+    root = names[0]
+    comfy_mods = {name: importlib.import_module(f"{root}.lcm_comfy.{name}")
+                  for name in ("model_sampling", "loading", "lora_patch", "checks", "sampler", "fastpath")}
+    return types.SimpleNamespace(root=root, core=importlib.import_module(f"{root}.lcm_core"), comfy=types.SimpleNamespace(**comfy_mods))
 
 
 class Runner:
@@ -107,5 +126,5 @@ def runner(comfy):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "comfy" in item.fixturenames or "runner" in item.fixturenames:
+        if {"comfy", "runner", "pack"} & set(item.fixturenames):
             item.add_marker(pytest.mark.comfy)

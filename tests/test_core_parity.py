@@ -9,22 +9,25 @@ import torch
 from diffusers import LCMScheduler
 from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import LatentConsistencyModelPipeline
 
+from oracles import (
+    LATENT_SCALE_FACTORS,
+    conditioning_to_diffusers,
+    diffusers_to_conditioning,
+    draw_noise,
+    latent_from_diffusers,
+    latent_to_diffusers,
+)
+
 import lcm_core
 from lcm_core import (
     LCMInputError,
     NoiseSchedule,
     boundary_scalings,
     check_custom_timesteps,
-    conditioning_to_diffusers,
-    consistency_denoise,
-    diffusers_to_conditioning,
-    draw_noise,
     guidance_embedding,
-    latent_from_diffusers,
-    latent_to_diffusers,
+    lcm_step,
     lcm_timesteps,
     parse_timesteps,
-    renoise,
     truncate_for_strength,
 )
 
@@ -109,7 +112,7 @@ def test_boundary_scalings_equal_diffusers(scaling):
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_consistency_step_equals_scheduler_step(steps):
-    """Our denoise + renoise reproduce LCMScheduler.step on random inputs, step by step."""
+    """lcm_core.step.lcm_step (what the sampler runs) reproduces LCMScheduler.step on random inputs, step by step."""
     sched = LCMScheduler()
     sched.set_timesteps(steps)
     acp = NoiseSchedule().alphas_cumprod()
@@ -124,10 +127,11 @@ def test_consistency_step_equals_scheduler_step(steps):
     for i, t in enumerate(ts):
         eps = torch.randn(sample.shape, generator=g)
         ref, ref_denoised = sched.step(eps, t, ref, generator=gen, return_dict=False)
-        denoised = consistency_denoise(ours, eps, t, acp[t])
-        assert (denoised - ref_denoised).abs().max() <= TOL
-        ours = renoise(denoised, noise.steps[i], acp[ts[i + 1]]) if i + 1 < len(ts) else denoised
-        assert (ours - ref).abs().max() <= TOL
+        last = i + 1 == len(ts)
+        out = lcm_step(eps, t, ours, acp[t], 1.0 if last else acp[ts[i + 1]], None if last else noise.steps[i])
+        assert (out.denoised - ref_denoised).abs().max() <= TOL
+        assert (out.prev_sample - ref).abs().max() <= TOL
+        ours = out.prev_sample
 
 
 @pytest.mark.parametrize("dim", [256, 255, 64])
@@ -181,7 +185,7 @@ def test_noise_is_independent_of_global_rng():
 @pytest.mark.parametrize("family,factor", [("sd15", 0.18215), ("sdxl", 0.13025)])
 def test_latent_round_trip(family, factor):
     raw = torch.randn(2, 4, 8, 8)
-    scaled = latent_to_diffusers(raw, lcm_core.LATENT_SCALE_FACTORS[family])
+    scaled = latent_to_diffusers(raw, LATENT_SCALE_FACTORS[family])
     assert torch.allclose(scaled, raw * factor)
     assert torch.allclose(latent_from_diffusers(scaled, factor), raw, atol=1e-6)
 
@@ -206,10 +210,16 @@ def test_sdxl_conditioning_both_ways_and_defaults():
     assert d2.add_time_ids.tolist() == [[128.0, 96.0, 0.0, 0.0, 128.0, 96.0]]
 
 
-def test_lcm_core_imports_no_comfy():
+def test_lcm_core_imports_no_comfy_no_diffusers_no_network():
+    """lcm_core is torch + safetensors only: importing all of it pulls in no ComfyUI, diffusers or HTTP module.
+    (``lcm_core.runner`` is only the old command's forwarding shim to lcm_tools, not library code.)"""
     import subprocess
     import sys
 
-    code = "import sys, lcm_core; bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','nodes','folder_paths','comfy_api')]; print(bad); sys.exit(1 if bad else 0)"
+    code = ("import sys, pkgutil, importlib, lcm_core\n"
+            "[importlib.import_module('lcm_core.' + m.name) for m in pkgutil.iter_modules(lcm_core.__path__) if m.name != 'runner']\n"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','nodes','folder_paths','comfy_api','diffusers',"
+            "'transformers','urllib3','requests','aiohttp','websocket','lcm_comfy','lcm_tools')]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=str(__import__('pathlib').Path(lcm_core.__file__).parents[1]), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

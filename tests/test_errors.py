@@ -63,7 +63,7 @@ def test_pickle_is_refused_and_never_executed(runner, files, tmp_path):
     path.write_bytes(pickle.dumps({"state_dict": Evil()}))
     err = load_error(runner, "evil.ckpt")
     assert "only .safetensors is read" in err["exception_message"]
-    assert f"python -m lcm_core.runner convert {path}" in err["exception_message"]  # the fix, runnable as written
+    assert f"python -m lcm_tools convert {path}" in err["exception_message"]  # the fix, runnable as written
     assert not marker.exists()
     # the planted file really is live: unpickling it (what a torch.load without weights_only does) runs the code
     pickle.loads(path.read_bytes())

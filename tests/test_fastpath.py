@@ -7,35 +7,44 @@ import torch
 from models import tiny_sd15_unet, tiny_sdxl_unet
 
 
-def _sample(comfy_adapter, model, pos, fast, guidance, shape=(1, 4, 8, 8)):
-    stats: dict = {}
-    out = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(shape)}, 7, 4, guidance, fast=fast, disable_pbar=True, stats=stats)
+def _run(pack, model, pos, latent, seed, steps, guidance, **options):
+    """One sampling run through the adapter, as the nodes make it; returns (samples, SamplingStats)."""
+    config = pack.core.SamplingConfig(seed=seed, steps=steps, guidance_scale=guidance, progress=False, **options)
+    out, stats = pack.comfy.sampler.sample(model, pos, None, latent, config)
     return out["samples"], stats
 
 
-def test_fast_flag_on_cpu_falls_back_to_the_same_result(comfy):
-    import comfy.model_management
+def _sample(pack, model, pos, fast, guidance, shape=(1, 4, 8, 8)):
+    return _run(pack, model, pos, {"samples": torch.zeros(shape)}, 7, 4, guidance, fast=fast)
 
-    from lcm_core import comfy_adapter
+
+def _clone(pack, model):
+    """The sampling clone LCM Sampler runs ``model`` on (fast path on, timestep_scaling 10)."""
+    lcm_sampling = pack.comfy.model_sampling.LCMModelSampling
+    return pack.comfy.fastpath.sampling_clone(model, ("lcm", 10.0), lambda mc: lcm_sampling(mc, 10.0), True)
+
+
+def test_fast_flag_on_cpu_falls_back_to_the_same_result(pack):
+    import comfy.model_management
 
     if comfy.model_management.get_torch_device().type != "cpu":
         pytest.skip("ComfyUI runs on a GPU here: the fallback case is the CPU one")
 
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "cpu-fast", "fp32")
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "cpu-fast", "fp32")
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)), {}]]
-    a, stats = _sample(comfy_adapter, model, pos, True, 8.0)
-    b, _ = _sample(comfy_adapter, model, pos, False, 8.0)
+    a, stats = _sample(pack, model, pos, True, 8.0)
+    b, _ = _sample(pack, model, pos, False, 8.0)
     assert torch.equal(a, b)
-    assert stats.get("graph_calls", 0) == 0  # no CUDA: nothing was captured
+    assert stats.graph_calls == 0  # no CUDA: nothing was captured
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
 @pytest.mark.parametrize("family,guided", [("sd15", True), ("sd15", False), ("sdxl", True), ("sdxl", False)])
-def test_fast_path_equals_ordinary_path_on_gpu(comfy, family, guided):
-    from lcm_core import comfy_adapter, diffusers_to_conditioning
+def test_fast_path_equals_ordinary_path_on_gpu(pack, family, guided):
+    from oracles import diffusers_to_conditioning
 
     unet = (tiny_sd15_unet if family == "sd15" else tiny_sdxl_unet)(time_cond_proj_dim=256 if guided else None)
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), f"gpu-{family}", "fp16")
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(unet.state_dict()), f"gpu-{family}", "fp16")
     g = torch.Generator().manual_seed(1)
     if family == "sd15":
         pos = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -43,9 +52,9 @@ def test_fast_path_equals_ordinary_path_on_gpu(comfy, family, guided):
         pos = diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
                                         torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
     for batch in (1, 2):
-        eager, _ = _sample(comfy_adapter, model, pos, False, 8.0 if guided else 1.5, (batch, 4, 8, 8))
-        fast, stats = _sample(comfy_adapter, model, pos, True, 8.0 if guided else 1.5, (batch, 4, 8, 8))
-        assert stats["graph_calls"] == 4 and stats.get("eager_calls", 0) == 0
+        eager, _ = _sample(pack, model, pos, False, 8.0 if guided else 1.5, (batch, 4, 8, 8))
+        fast, stats = _sample(pack, model, pos, True, 8.0 if guided else 1.5, (batch, 4, 8, 8))
+        assert stats.graph_calls == 4 and stats.eager_calls == 0
         assert (fast - eager).abs().max().item() == 0.0
 
 
@@ -64,29 +73,27 @@ def _count_syncs(fn) -> int:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter (run on the device machine)")
 @pytest.mark.parametrize("guided", [True, False])
-def test_no_host_synchronisation_between_steps_on_gpu(comfy, guided):
+def test_no_host_synchronisation_between_steps_on_gpu(pack, guided):
     """A run's host-device synchronisations do not grow with the number of steps (none inside the loop)."""
-    from lcm_core import comfy_adapter, diffusers_to_conditioning
+    from oracles import diffusers_to_conditioning
 
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sdxl_unet(time_cond_proj_dim=256 if guided else None).state_dict()), "sync", "fp16")
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sdxl_unet(time_cond_proj_dim=256 if guided else None).state_dict()), "sync", "fp16")
     g = torch.Generator().manual_seed(2)
     pos = diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
                                     torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
     counts = {}
     for steps in (2, 8):
         def run(steps=steps):
-            comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 3, steps, 8.0 if guided else 1.5, fast=True, disable_pbar=True)
+            _run(pack, model, pos, {"samples": torch.zeros(1, 4, 8, 8)}, 3, steps, 8.0 if guided else 1.5, fast=True)
         run()  # capture and loading happen outside the count
         counts[steps] = _count_syncs(run)
     assert counts[2] > 0, "the sync detector saw nothing: the comparison below would prove nothing"
     assert counts[8] <= counts[2], f"host synchronisations per run grow with the steps: {counts}"
 
 
-def test_conditioning_moves_to_the_sampling_device_without_touching_the_users(comfy):
+def test_conditioning_moves_to_the_sampling_device_without_touching_the_users(pack):
     """The per-run copy of the encoded conditioning moves; the CONDITIONING the user passed in does not."""
     import comfy.conds
-
-    from lcm_core import comfy_adapter
 
     user_cond = torch.randn(1, 77, 768)
     shared = comfy.conds.CONDCrossAttn(user_cond)
@@ -96,7 +103,7 @@ def test_conditioning_moves_to_the_sampling_device_without_touching_the_users(co
         conds = {"positive": [entry], "negative": []}
         inner_model = None
 
-    comfy_adapter._inputs_to_device(Guider(), torch.device("meta"))
+    pack.comfy.sampler.inputs_to_device(Guider(), torch.device("meta"))
     moved = entry["model_conds"]["c_crossattn"]
     assert moved.cond.device.type == "meta" and moved is not shared
     assert shared.cond is user_cond and user_cond.device.type == "cpu"
@@ -104,7 +111,7 @@ def test_conditioning_moves_to_the_sampling_device_without_touching_the_users(co
 
 
 def test_weights_watch_sees_replaced_weights_and_rewalks_after_forget():
-    from lcm_core.fastpath import WeightsWatch
+    from lcm_core.graphs import WeightsWatch
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     watch = WeightsWatch()
@@ -120,30 +127,26 @@ def test_weights_watch_sees_replaced_weights_and_rewalks_after_forget():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
-def test_keep_graphs_off_frees_the_graph_memory_after_the_run(comfy, capsys):
+def test_keep_graphs_off_frees_the_graph_memory_after_the_run(pack, capsys):
     """keep_graphs=False: same latents, no graph left after a run, and GPU memory flat over repeated runs."""
-    from lcm_core import comfy_adapter
 
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "keep", "fp16")
-    clone = comfy_adapter._sampling_clone(model, 10.0, True)[0]
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "keep", "fp16")
+    clone = _clone(pack, model).model
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4)), {}]]
     latent = {"samples": torch.zeros(2, 4, 16, 16)}
-    kept: dict = {}
-    a = comfy_adapter.sample(model, pos, None, latent, 5, 4, 8.0, fast=True, disable_pbar=True, stats=kept)["samples"]
-    assert kept["graphs"] == 1 and kept["graph_pool_bytes"] > 0 and not kept.get("released_after_run")
-    assert kept["capture_warmups"] == [2]  # the first capture of this signature warms up first
-    assert len(comfy_adapter.graph_cache_of(clone)) == 1  # kept for the next run
-    comfy_adapter.release_graphs(clone)
+    a, kept = _run(pack, model, pos, latent, 5, 4, 8.0, fast=True)
+    assert kept.graphs == 1 and kept.graph_pool_bytes > 0 and not kept.released_after_run
+    assert kept.capture_warmups == [2]  # the first capture of this signature warms up first
+    assert len(pack.comfy.fastpath.graph_cache_of(clone)) == 1  # kept for the next run
+    pack.comfy.fastpath.release_graphs(clone)
     torch.cuda.synchronize()
     start = torch.cuda.memory_reserved()
     reserved = []
     for seed in range(8):
-        freed: dict = {}
-        b = comfy_adapter.sample(model, pos, None, latent, 5 if seed == 0 else seed, 4, 8.0, fast=True, disable_pbar=True,
-                                 stats=freed, keep_graphs=False)["samples"]
-        assert freed["graph_calls"] == 4 and freed["released_after_run"]
-        assert freed["capture_warmups"][-1] == 0  # captured again without eager warm-up forwards
-        assert len(comfy_adapter.graph_cache_of(clone)) == 0
+        b, freed = _run(pack, model, pos, latent, 5 if seed == 0 else seed, 4, 8.0, fast=True, keep_graphs=False)
+        assert freed.graph_calls == 4 and freed.released_after_run
+        assert freed.capture_warmups[-1] == 0  # captured again without eager warm-up forwards
+        assert len(pack.comfy.fastpath.graph_cache_of(clone)) == 0
         if seed == 0:
             assert torch.equal(a, b)  # the capture without warm-up gives the same latents
         torch.cuda.synchronize()
@@ -154,17 +157,15 @@ def test_keep_graphs_off_frees_the_graph_memory_after_the_run(comfy, capsys):
     assert max(reserved) <= start + (1 << 20), (start >> 20, [r >> 20 for r in reserved])
 
 
-def test_fast_path_steps_aside_for_controlnet_patches_lowvram_and_torch_compile(comfy):
+def test_fast_path_steps_aside_for_controlnet_patches_lowvram_and_torch_compile(pack):
     """Each case the graph capture cannot handle is named, and the run takes the ordinary path."""
     from types import SimpleNamespace
-
-    from lcm_core import comfy_adapter
 
     def patcher(lowvram=False, options=None):
         return SimpleNamespace(model=SimpleNamespace(model_lowvram=lowvram), model_options=options or {})
 
     x = SimpleNamespace(is_cuda=True)
-    blocker = comfy_adapter._fast_path_blocker
+    blocker = pack.comfy.fastpath.fast_path_blocker
     assert blocker(patcher(), x, None, {}, {}) is None
     assert "not on a CUDA device" in blocker(patcher(), SimpleNamespace(is_cuda=False), None, {}, {})
     assert "ControlNet" in blocker(patcher(), x, {"output": []}, {}, {})
@@ -175,38 +176,32 @@ def test_fast_path_steps_aside_for_controlnet_patches_lowvram_and_torch_compile(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
-def test_graphs_go_when_comfyui_unloads_the_model(comfy):
+def test_graphs_go_when_comfyui_unloads_the_model(pack):
     """/free (unload_all_models) or ComfyUI making room for another model releases the kept graphs."""
     import comfy.model_management as mm
 
-    from lcm_core import comfy_adapter
-
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "unload", "fp16")
-    clone = comfy_adapter._sampling_clone(model, 10.0, True)[0]
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "unload", "fp16")
+    clone = _clone(pack, model).model
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(6)), {}]]
-    stats: dict = {}
-    a = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 16, 16)}, 1, 4, 8.0, fast=True, disable_pbar=True, stats=stats)
-    assert stats["graphs"] == 1 and len(comfy_adapter.graph_cache_of(clone)) == 1
+    a, stats = _run(pack, model, pos, {"samples": torch.zeros(1, 4, 16, 16)}, 1, 4, 8.0, fast=True)
+    assert stats.graphs == 1 and len(pack.comfy.fastpath.graph_cache_of(clone)) == 1
     mm.unload_all_models()
-    assert len(comfy_adapter.graph_cache_of(clone)) == 0
-    b = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 16, 16)}, 1, 4, 8.0, fast=True, disable_pbar=True)
-    assert torch.equal(a["samples"], b["samples"])  # reloaded and captured again: the same latents
+    assert len(pack.comfy.fastpath.graph_cache_of(clone)) == 0
+    b, _ = _run(pack, model, pos, {"samples": torch.zeros(1, 4, 16, 16)}, 1, 4, 8.0, fast=True)
+    assert torch.equal(a, b)  # reloaded and captured again: the same latents
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
-def test_interrupt_stops_the_fast_path_within_one_step(comfy):
+def test_interrupt_stops_the_fast_path_within_one_step(pack):
     """ComfyUI's cancel (what /interrupt sets) stops a graph-replaying run before the next step; the next run is unaffected."""
     import comfy.model_management as mm
     import comfy.utils
 
-    from lcm_core import comfy_adapter
-
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "cancel", "fp16")
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "cancel", "fp16")
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(8)), {}]]
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
-    stats: dict = {}
-    before = comfy_adapter.sample(model, pos, None, latent, 11, 8, 8.0, fast=True, disable_pbar=True, stats=stats)["samples"]
-    assert stats["graph_calls"] == 8
+    before, stats = _run(pack, model, pos, latent, 11, 8, 8.0, fast=True)
+    assert stats.graph_calls == 8
 
     progress: list[int] = []
 
@@ -218,37 +213,34 @@ def test_interrupt_stops_the_fast_path_within_one_step(comfy):
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            comfy_adapter.sample(model, pos, None, latent, 11, 8, 8.0, fast=True, disable_pbar=True)
+            _run(pack, model, pos, latent, 11, 8, 8.0, fast=True)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
-    run_state = comfy_adapter._sampling_clone(model, 10.0, True)[1]
-    assert progress[-1] == 2 and run_state["graph_calls"] == 2, (progress, run_state)  # cancelled after step 2 of 8
+    record = _clone(pack, model).record
+    assert progress[-1] == 2 and record.graph_calls == 2, (progress, record)  # cancelled after step 2 of 8
 
-    after: dict = {}
-    again = comfy_adapter.sample(model, pos, None, latent, 11, 8, 8.0, fast=True, disable_pbar=True, stats=after)["samples"]
-    assert after["graph_calls"] == 8 and torch.equal(before, again)
+    again, after = _run(pack, model, pos, latent, 11, 8, 8.0, fast=True)
+    assert after.graph_calls == 8 and torch.equal(before, again)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
-def test_fast_path_follows_lora_shape_and_dtype_changes(comfy, tmp_path):
+def test_fast_path_follows_lora_shape_and_dtype_changes(pack, tmp_path):
     """The graphs live on ComfyUI's model, shared by its clones: a LoRA patched in or out, a new latent size or another
     weight dtype must never replay a stale graph. Every run below is checked against the ordinary path."""
     from models import random_lora
     from safetensors.torch import save_file
 
-    from lcm_core import comfy_adapter
-
     unet = tiny_sd15_unet(time_cond_proj_dim=None, seed=12)
-    base = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), "swap", "fp16")
+    base = pack.comfy.loading.load_lcm_unet_state_dict(dict(unet.state_dict()), "swap", "fp16")
     save_file(random_lora(unet, "kohya", scale=1.0), str(tmp_path / "swap-lora.safetensors"))
-    lora_model, report = comfy_adapter.apply_lcm_lora(base, str(tmp_path / "swap-lora.safetensors"), 1.0)
+    lora_model, report = pack.comfy.lora_patch.apply_lcm_lora(base, str(tmp_path / "swap-lora.safetensors"), 1.0)
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(9)), {}]]
 
     def fast_equals_ordinary(model, shape):
-        fast, stats = _sample(comfy_adapter, model, pos, True, 1.0, shape)
-        assert stats["graph_calls"] == 4 and stats.get("eager_calls", 0) == 0
-        eager, _ = _sample(comfy_adapter, model, pos, False, 1.0, shape)
+        fast, stats = _sample(pack, model, pos, True, 1.0, shape)
+        assert stats.graph_calls == 4 and stats.eager_calls == 0
+        eager, _ = _sample(pack, model, pos, False, 1.0, shape)
         assert torch.equal(fast, eager)
         return fast
 
@@ -258,12 +250,12 @@ def test_fast_path_follows_lora_shape_and_dtype_changes(comfy, tmp_path):
     assert torch.equal(fast_equals_ordinary(base, (1, 4, 8, 8)), plain)  # and is gone again without it
     fast_equals_ordinary(base, (1, 4, 16, 16))
     fast_equals_ordinary(lora_model, (2, 4, 16, 16))
-    fp32 = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), "swap32", "fp32")
+    fp32 = pack.comfy.loading.load_lcm_unet_state_dict(dict(unet.state_dict()), "swap32", "fp32")
     fast_equals_ordinary(fp32, (1, 4, 8, 8))  # the same weights in fp32: captured for itself
     assert torch.equal(fast_equals_ordinary(base, (1, 4, 8, 8)), plain)  # and back to the fp16 model
 
 
-def test_keep_graphs_modes_follow_comfyuis_queue(comfy, monkeypatch):
+def test_keep_graphs_modes_follow_comfyuis_queue(pack, monkeypatch):
     """'while queued' keeps the graphs only while prompts wait in the server's queue; 'always'/'never' as named;
     a bad value is refused before any model work."""
     import sys
@@ -271,8 +263,7 @@ def test_keep_graphs_modes_follow_comfyuis_queue(comfy, monkeypatch):
 
     import execution  # ComfyUI's own PromptQueue, as the server holds it
 
-    from lcm_core import LCMInputError, comfy_adapter
-    from lcm_core.fastpath import GraphCache, keep_graphs_mode
+    from lcm_core.graphs import GraphCache, keep_graphs_mode
 
     queue = execution.PromptQueue(SimpleNamespace(queue_updated=lambda: None))
     for number in range(4):
@@ -280,48 +271,46 @@ def test_keep_graphs_modes_follow_comfyuis_queue(comfy, monkeypatch):
     queue.get()  # the prompt running now; 3 wait behind it
 
     cache = GraphCache()
-    keep = comfy_adapter._keep_graphs_after_run
+    keep = pack.comfy.fastpath.keep_graphs_after_run
     monkeypatch.delitem(sys.modules, "server", raising=False)  # a library call: no server, no queue
-    assert comfy_adapter._prompts_waiting() is None
+    assert pack.comfy.fastpath.prompts_waiting() is None
     assert keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
     server = SimpleNamespace(PromptServer=SimpleNamespace(instance=SimpleNamespace(prompt_queue=queue)))
     monkeypatch.setitem(sys.modules, "server", server)
-    assert comfy_adapter._prompts_waiting() == 3
+    assert pack.comfy.fastpath.prompts_waiting() == 3
     assert keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
     for _ in range(3):
         queue.get()  # the rest start (ComfyUI runs one at a time; here they only leave the queue)
-    assert comfy_adapter._prompts_waiting() == 0
+    assert pack.comfy.fastpath.prompts_waiting() == 0
     assert not keep(cache, "while queued") and keep(cache, "always") and not keep(cache, "never")
 
     assert keep_graphs_mode(True) == "always" and keep_graphs_mode(False) == "never"
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "modes", "fp32")
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "modes", "fp32")
     pos = [[torch.zeros(1, 77, 768), {}]]
-    with pytest.raises(LCMInputError, match=r"keep_graphs='sometimes' is not one of \['while queued', 'always', 'never'\]"):
-        comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 0, 4, 8.0, keep_graphs="sometimes")
+    with pytest.raises(pack.core.LCMInputError, match=r"keep_graphs='sometimes' is not one of \['while queued', 'always', 'never'\]"):
+        _run(pack, model, pos, {"samples": torch.zeros(1, 4, 8, 8)}, 0, 4, 8.0, keep_graphs="sometimes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
-def test_while_queued_frees_the_graphs_when_the_queue_is_empty(comfy, monkeypatch):
+def test_while_queued_frees_the_graphs_when_the_queue_is_empty(pack, monkeypatch):
     """The default: graphs stay while another prompt waits, and go after the last one; the latents never change."""
     import sys
     from types import SimpleNamespace
 
-    from lcm_core import comfy_adapter
-
     queue = SimpleNamespace(waiting=2, currently_running={1: "this prompt"})
     queue.get_tasks_remaining = lambda: queue.waiting + len(queue.currently_running)
     monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=SimpleNamespace(prompt_queue=queue))))
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "queued", "fp16")
-    clone = comfy_adapter._sampling_clone(model, 10.0, True)[0]
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "queued", "fp16")
+    clone = _clone(pack, model).model
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(10)), {}]]
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     results = []
     for waiting in (2, 1, 0):
         queue.waiting = waiting
-        stats: dict = {}
-        results.append(comfy_adapter.sample(model, pos, None, latent, 3, 4, 8.0, fast=True, disable_pbar=True, stats=stats)["samples"])
-        assert stats["graph_calls"] == 4
-        assert len(comfy_adapter.graph_cache_of(clone)) == (1 if waiting else 0), waiting
-        assert bool(stats.get("released_after_run")) == (waiting == 0)
-    assert stats["capture_warmups"] == [2]  # captured once, replayed by the queued prompts
+        samples, stats = _run(pack, model, pos, latent, 3, 4, 8.0, fast=True)
+        results.append(samples)
+        assert stats.graph_calls == 4
+        assert len(pack.comfy.fastpath.graph_cache_of(clone)) == (1 if waiting else 0), waiting
+        assert stats.released_after_run == (waiting == 0)
+    assert stats.capture_warmups == [2]  # captured once, replayed by the queued prompts
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

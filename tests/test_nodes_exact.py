@@ -9,7 +9,7 @@ import pytest
 import torch
 from models import random_lora, save_unet, tiny_sd15_unet, tiny_sdxl_unet, tiny_vae
 
-from lcm_core import conditioning_to_diffusers, diffusers_to_conditioning
+from oracles import conditioning_to_diffusers, diffusers_to_conditioning
 
 SD15_SCALE = 0.18215
 SDXL_SCALE = 0.13025

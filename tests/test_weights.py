@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lcm_core.errors import LCMModelError
-from lcm_core.safe_convert import convert_to_safetensors
+from lcm_core.weights import convert_to_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 

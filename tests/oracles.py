@@ -1,4 +1,8 @@
-"""Translation between ComfyUI's LATENT / CONDITIONING and diffusers' pipeline arguments.
+"""Test oracles: translation between ComfyUI's LATENT / CONDITIONING and diffusers' pipeline arguments, and
+diffusers' LCM noise sequence drawn in one go.
+
+The pack itself never needs these (it runs on ComfyUI's objects); the tests use them to call diffusers on the
+same inputs as a node, and the benchmark imports them from here.
 
 ComfyUI keeps raw VAE latents in ``LATENT["samples"]`` and scales them by the model's latent format
 on the way into the UNet; diffusers pipelines take and return latents already multiplied by the VAE's
@@ -14,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import LCMInputError
+from lcm_core.errors import LCMInputError
+from lcm_core.noise import SeededNoise, check_seed
 
 #: ``scaling_factor`` of the VAE each model family was trained with.
 LATENT_SCALE_FACTORS: dict[str, float] = {"sd15": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
@@ -105,3 +110,21 @@ def diffusers_to_conditioning(
         keys = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
         opts.update(dict(zip(keys, ids, strict=True)))
     return [[prompt_embeds, opts]]
+
+
+@dataclass(frozen=True)
+class NoiseStream:
+    """Initial and per-step noise for one sampling run (``steps[i]`` re-noises after step ``i``)."""
+
+    initial: torch.Tensor
+    steps: tuple[torch.Tensor, ...]
+
+
+def draw_noise(seed: int, shape: tuple[int, ...], num_steps: int, dtype: torch.dtype = torch.float32) -> NoiseStream:
+    """The noise diffusers' LCM pipelines draw for ``num_steps`` steps on a latent of ``shape``, in one go."""
+    check_seed(seed)
+    if num_steps < 1:
+        raise LCMInputError(f"num_steps={num_steps} must be at least 1.")
+    noise = SeededNoise(seed, shape, dtype)
+    initial = noise.draw()
+    return NoiseStream(initial=initial, steps=tuple(noise.draw() for _ in range(num_steps - 1)))

@@ -6,10 +6,17 @@ forward launches ~5,000 kernels). :class:`GraphCache` captures one forward per i
 the same kernels on the same data as the eager call they were captured from. The cache is bound to a
 *fingerprint* of the weights (their storage addresses): when weights are swapped (LoRA patched, model
 reloaded) every captured graph is dropped and captured again. Pure torch; nothing here knows ComfyUI.
+
+Threads: a :class:`GraphCache` belongs to one network. Its methods take the cache's lock, so two threads never
+capture into or replay the same graph at once; but a replay's output buffer is shared, so a caller must run one
+sampling run per MODEL at a time (ComfyUI's executor does: prompts run one after another). ``lcm_comfy``'s
+sampler holds the model's run lock for the whole run, which makes concurrent library calls on one MODEL wait
+for each other instead of corrupting each other's graph inputs.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -72,6 +79,7 @@ def _signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_CAPTURE_STREAMS_LOCK = threading.Lock()
 
 
 def _capture_stream() -> torch.cuda.Stream:
@@ -81,10 +89,11 @@ def _capture_stream() -> torch.cuda.Stream:
     returns; a fresh stream per capture would add one each time graphs are captured again.
     """
     device = torch.cuda.current_device()
-    stream = _CAPTURE_STREAMS.get(device)
-    if stream is None:
-        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream()
-    return stream
+    with _CAPTURE_STREAMS_LOCK:
+        stream = _CAPTURE_STREAMS.get(device)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream()
+        return stream
 
 
 def _pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
@@ -116,6 +125,7 @@ class GraphCache:
             not happen inside a capture; it is not repeated when graphs released earlier (``keep_graphs`` "never",
             model unloaded, weights swapped) are captured again for the same signature.
         replays: number of replays served.
+        lock: held by :meth:`run` and :meth:`clear` (re-entrant, so a release from inside a run is safe).
     """
 
     warmup: int = 2
@@ -126,12 +136,14 @@ class GraphCache:
     warmed: set[tuple] = field(default_factory=set)
     replays: int = 0
     watch: WeightsWatch = field(default_factory=WeightsWatch)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def clear(self) -> None:
         """Drop every graph (their memory pools go back to PyTorch's allocator)."""
-        self.entries.clear()
-        self.fingerprint = None
-        self.watch.forget()
+        with self.lock:
+            self.entries.clear()
+            self.fingerprint = None
+            self.watch.forget()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -147,7 +159,7 @@ class GraphCache:
         Inference only: the result carries no autograd history (under grad mode an eager forward would
         record one that keeps every activation of the capture alive for as long as the result lives).
         """
-        with torch.no_grad():
+        with self.lock, torch.no_grad():
             return self._run(fn, fingerprint, tensors)
 
     def _run(self, fn: Callable[..., torch.Tensor], fingerprint: int, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:

@@ -1,0 +1,15 @@
+"""The ComfyUI adapter of LCM Nodes: the one package that imports ComfyUI, split by concern.
+
+Imported only when a node runs (the node classes import it inside ``execute``), never by ``lcm_core``. Each
+module takes ComfyUI objects and goes through ComfyUI's machinery (``ModelPatcher`` clones and patches,
+``comfy.sd``, ``comfy.lora``, ``comfy.sample.sample_custom``, ``latent_preview``); the maths comes from
+``lcm_core``.
+
+- :mod:`.model_sampling`: LCM's model sampling (schedule + consistency boundary condition), the guidance
+  embedding wrapper, and ``setup_lcm`` (idempotent).
+- :mod:`.loading`: Load LCM UNet (files, diffusers or ldm layout, the guidance embedding).
+- :mod:`.lora_patch`: Apply LCM-LoRA (ComfyUI's key map, the fit check, patching).
+- :mod:`.checks`: input checks of MODEL / CONDITIONING / LATENT shared by the samplers.
+- :mod:`.sampler`: the LCM sampler: ``sample(model, positive, negative, latent, config)``.
+- :mod:`.fastpath`: the CUDA-graph glue: per-MODEL sampling clones, the graph wrapper, keep/release policy.
+"""

@@ -1,0 +1,156 @@
+"""LCM's model sampling on ComfyUI, the guidance embedding wrapper, and setting a MODEL up for LCM.
+
+:class:`LCMModelSampling` is ComfyUI's discrete epsilon schedule with diffusers' float32 ``alphas_cumprod`` and
+LCM's consistency boundary condition: its ``calculate_denoised`` is :func:`lcm_core.step.consistency_denoise`.
+:func:`setup_lcm` is idempotent: whatever chain of our nodes a MODEL passes through, it carries one
+LCMModelSampling and at most one guidance wrapper (key :data:`GUIDANCE_WRAPPER_KEY`), and that wrapper is the
+outermost of our DIFFUSION_MODEL wrappers (the fast path's graph wrapper, added per run, sits inside it).
+"""
+
+from __future__ import annotations
+
+import comfy.model_sampling
+import comfy.patcher_extension
+import torch
+
+from ..lcm_core.errors import LCMInputError, LCMModelError
+from ..lcm_core.guidance import guidance_embedding, guidance_w
+from ..lcm_core.schedule import NoiseSchedule
+from ..lcm_core.step import consistency_denoise
+
+GUIDANCE_OPTION = "lcm_nodes_guidance_scale"
+GUIDANCE_WRAPPER_KEY = "lcm_nodes_guidance_embedding"
+DIFFUSION_MODEL = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+DEFAULT_LCM_GUIDANCE = 8.0
+
+
+def noise_schedule_of(model_config) -> NoiseSchedule:
+    """The training schedule of a ComfyUI model config, or LCMModelError when it is not SD's scaled-linear one."""
+    settings = getattr(model_config, "sampling_settings", {}) or {}
+    if settings.get("beta_schedule", "linear") != "linear" or settings.get("zsnr", False):
+        raise LCMModelError(
+            f"the model's noise schedule ({settings}) is not Stable Diffusion's scaled-linear one: LCM sampling "
+            "supports SD1.x/2.x/SDXL-family models."
+        )
+    # ComfyUI's "linear" is linspace(sqrt(start), sqrt(end))^2, i.e. diffusers' "scaled_linear".
+    return NoiseSchedule(
+        num_train_timesteps=int(settings.get("timesteps", 1000)),
+        beta_start=float(settings.get("linear_start", 0.00085)),
+        beta_end=float(settings.get("linear_end", 0.012)),
+        beta_schedule="scaled_linear",
+    )
+
+
+class LCMModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+    """ComfyUI model sampling for LCM: diffusers' float32 schedule and the exact consistency boundary condition.
+
+    ComfyUI's sampler state is ``x = x_t / sqrt(a_t)`` (variance exploding, ``sigma^2 = (1 - a_t) / a_t``);
+    ``calculate_denoised`` converts back to diffusers' ``x_t`` and applies :func:`consistency_denoise`. With
+    ``original_inference_steps`` set, only the distillation timesteps are kept (as ComfyUI's own
+    ``ModelSamplingDiscreteDistilled``), so that KSampler with sampler ``lcm`` picks LCM timesteps.
+    """
+
+    def __init__(self, model_config=None, timestep_scaling: float = 10.0, original_inference_steps: int | None = None):
+        super().__init__(model_config)
+        schedule = noise_schedule_of(model_config)
+        acp = schedule.alphas_cumprod()
+        self.timestep_scaling = float(timestep_scaling)
+        self.schedule = schedule
+        sigmas = ((1 - acp) / acp) ** 0.5
+        self.skip = 1
+        if original_inference_steps:
+            self.skip = schedule.num_train_timesteps // original_inference_steps
+            sigmas = sigmas[self.skip - 1 :: self.skip]
+        self.set_sigmas(sigmas)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        index = super().timestep(sigma)
+        return index * self.skip + (self.skip - 1)
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return super().sigma((timestep.float() - (self.skip - 1)) / self.skip)
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        shape = sigma.shape[:1] + (1,) * (model_output.ndim - 1)
+        t = self.timestep(sigma).view(shape).to(model_output.dtype)
+        alpha_prod_t = 1.0 / (sigma.view(shape) ** 2 + 1.0)
+        x_t = model_input * alpha_prod_t.sqrt()
+        return consistency_denoise(x_t, model_output, t, alpha_prod_t, self.timestep_scaling)
+
+
+def is_lcm_sampling(model_sampling) -> bool:
+    """True for our model sampling, also when ComfyUI loaded a second copy of this module (checked by name)."""
+    return type(model_sampling).__name__ == LCMModelSampling.__name__ and hasattr(model_sampling, "timestep_scaling")
+
+
+def _guidance_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    """DIFFUSION_MODEL wrapper: feed the guidance embedding to the UNet's guided time embedding."""
+    time_embed = getattr(executor.class_obj, "time_embed", None)
+    scale = transformer_options.get(GUIDANCE_OPTION, DEFAULT_LCM_GUIDANCE)
+    if time_embed is None or not hasattr(time_embed, "cond_proj"):
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    time_embed.set_condition(embedding_on(time_embed, float(scale), x.device))
+    try:
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    finally:
+        time_embed.set_condition(None)
+
+
+def embedding_on(time_embed, scale: float, device) -> torch.Tensor:
+    """The guidance embedding for ``scale`` on ``device``, computed once and kept beside the UNet.
+
+    Building it on the CPU at every step would cost a host-to-device copy per step, and a copy from
+    ordinary (pageable) host memory makes the CPU wait for all queued GPU work first.
+    """
+    cache = time_embed.__dict__.setdefault("_lcm_nodes_embeddings", {})
+    key = (scale, str(device))
+    emb = cache.get(key)
+    if emb is None:
+        if len(cache) >= 16:
+            cache.clear()
+        with torch.no_grad():
+            emb = guidance_embedding(torch.tensor([guidance_w(scale)]), time_embed.cond_dim).to(device)
+        cache[key] = emb
+    return emb
+
+
+def has_guidance_embedding(model) -> bool:
+    """True when the MODEL's UNet carries LCM's guidance (w) embedding."""
+    diffusion_model = getattr(model.model, "diffusion_model", None)
+    return hasattr(getattr(diffusion_model, "time_embed", None), "cond_proj")
+
+
+def install_guidance_wrapper(m) -> None:
+    """Give the clone ``m`` exactly one guidance wrapper, placed before any other of its DIFFUSION_MODEL wrappers."""
+    m.remove_wrappers_with_key(DIFFUSION_MODEL, GUIDANCE_WRAPPER_KEY)
+    others = m.wrappers.get(DIFFUSION_MODEL, {})
+    m.wrappers[DIFFUSION_MODEL] = {GUIDANCE_WRAPPER_KEY: [_guidance_wrapper], **others}
+
+
+def check_eps_model(model) -> None:
+    """LCMInputError unless ``model`` is a ComfyUI MODEL; LCMModelError unless it predicts epsilon."""
+    if not hasattr(model, "model") or not hasattr(model, "clone"):
+        raise LCMInputError(f"model is a {type(model).__name__}, not a ComfyUI MODEL: connect a model loader's MODEL output.")
+    model_type = getattr(model.model, "model_type", None)
+    if model_type is not None and model_type.name not in ("EPS",):
+        raise LCMModelError(
+            f"the model predicts {model_type.name}, but LCM sampling here supports epsilon-prediction models "
+            "(SD1.5, SDXL, SSD-1B, LCM UNets)."
+        )
+
+
+def setup_lcm(model, guidance_scale: float | None = None, original_inference_steps: int | None = 50, timestep_scaling: float = 10.0):
+    """Return a clone of ``model`` set up for LCM sampling (the input is never changed). Idempotent.
+
+    Installs :class:`LCMModelSampling` (replacing any earlier one) and, for UNets with a guidance embedding,
+    exactly one guidance wrapper and the guidance value ComfyUI's own samplers (KSampler, sampler ``lcm``) use;
+    ``guidance_scale=None`` keeps the value the model already carries.
+    """
+    check_eps_model(model)
+    m = model.clone()
+    m.add_object_patch("model_sampling", LCMModelSampling(m.model.model_config, timestep_scaling, original_inference_steps))
+    if has_guidance_embedding(m):
+        install_guidance_wrapper(m)
+        if guidance_scale is not None:
+            m.model_options.setdefault("transformer_options", {})[GUIDANCE_OPTION] = float(guidance_scale)
+    return m

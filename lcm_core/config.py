@@ -1,0 +1,102 @@
+"""The configuration of one sampling run, validated before any model work, and the statistics it returns.
+
+:class:`SamplingConfig` is frozen: a node builds it from its inputs, construction checks every value (raising
+:class:`~lcm_core.errors.LCMInputError` with the value, the allowed range and the fix) and fixes the timesteps
+the run visits, and the sampler reads it without changing it. :class:`SamplingStats` is what a run reports back
+(the sampler returns it; no out-parameters). Pure Python; no torch needed here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import LCMInputError
+from .graphs import keep_graphs_mode
+from .noise import check_seed
+from .schedule import STRENGTH_MODES, plan_timesteps
+
+MAX_GUIDANCE = 100.0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Everything an LCM sampling run is asked to do, apart from the model and the tensors.
+
+    Attributes:
+        seed: 0..2**64-1; with the same weights, the same latents as diffusers' pipeline called with
+            ``generator=torch.Generator("cpu").manual_seed(seed)``.
+        steps: 1..50 LCM steps (ignored when ``timesteps`` is given).
+        guidance_scale: 0..100. With a guidance-embedding UNet it feeds the embedding (w = guidance_scale - 1);
+            otherwise ``> 1`` is classifier-free guidance with the negative prompt.
+        original_inference_steps: length of the distillation schedule the steps are picked from (50).
+        timesteps: custom descending timesteps, overriding ``steps``.
+        strength: (0, 1]; below 1 with ``from_image`` it is image-to-image with ``strength_mode``'s semantics.
+        strength_mode: ``"lcm"`` (LCM's img2img pipeline) or ``"truncate"`` (the SD/SDXL img2img pipelines).
+        from_image: start from ``latent_image`` noised to the first timestep (img2img) instead of pure noise.
+        timestep_scaling: the boundary condition's scaling (10 for every public LCM).
+        fast: allow the GPU fast path (CUDA-graph replay) where it is safe.
+        keep_graphs: what happens to the fast path's graphs after the run (:data:`~lcm_core.graphs.KEEP_GRAPHS_MODES`;
+            ``True``/``False`` are read as "always"/"never").
+        progress: show ComfyUI's progress bar.
+    """
+
+    seed: int
+    steps: int = 4
+    guidance_scale: float = 1.0
+    original_inference_steps: int = 50
+    timesteps: tuple[int, ...] | None = None
+    strength: float = 1.0
+    strength_mode: str = "lcm"
+    from_image: bool = False
+    timestep_scaling: float = 10.0
+    fast: bool = True
+    keep_graphs: str = "while queued"
+    progress: bool = True
+    planned: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
+            raise LCMInputError(
+                f"guidance_scale={g!r} is out of range: use 0 to {MAX_GUIDANCE:g} (8 for LCM UNets, 1-2 or 0 for LCM-LoRA)."
+            )
+        s = self.timestep_scaling
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise LCMInputError(f"timestep_scaling={s!r} must be a positive number (10 for every public LCM).")
+        if self.strength_mode not in STRENGTH_MODES:
+            raise LCMInputError(f"strength_mode={self.strength_mode!r} is not one of {list(STRENGTH_MODES)}: pick one of those.")
+        custom = tuple(int(t) for t in self.timesteps) if self.timesteps else None
+        object.__setattr__(self, "timesteps", custom)
+        object.__setattr__(self, "guidance_scale", float(g))
+        object.__setattr__(self, "timestep_scaling", float(s))
+        object.__setattr__(self, "keep_graphs", keep_graphs_mode(self.keep_graphs))
+        planned = plan_timesteps(self.steps, self.original_inference_steps, custom, self.strength, self.strength_mode)
+        object.__setattr__(self, "planned", tuple(planned))
+
+
+@dataclass
+class SamplingStats:
+    """What one run did, returned by the sampler beside its LATENT.
+
+    Attributes:
+        timesteps: the timesteps visited.
+        graph_calls / eager_calls: UNet forwards served by a CUDA graph / by the ordinary path.
+        fast_path_off: why the fast path was off for this run (None when it ran or was not asked for).
+        graphs, graph_pool_bytes: captured graphs of the model after the run, and the GPU memory they hold.
+        capture_seconds, capture_warmups: the model's recent capture times and warm-up forwards.
+        released_after_run: the graphs were freed at the end of the run (``keep_graphs`` or memory pressure).
+        host_ms_before_first_forward: host time from the call to the first UNet forward (fast path only).
+    """
+
+    timesteps: list[int] = field(default_factory=list)
+    graph_calls: int = 0
+    eager_calls: int = 0
+    fast_path_off: str | None = None
+    graphs: int = 0
+    graph_pool_bytes: int = 0
+    capture_seconds: list[float] = field(default_factory=list)
+    capture_warmups: list[int] = field(default_factory=list)
+    released_after_run: bool = False
+    host_ms_before_first_forward: float | None = None

@@ -1,0 +1,167 @@
+"""The ComfyUI adapter's own contracts, in a real in-process ComfyUI: the step production runs equals
+LCMScheduler.step at every step, setup_lcm is idempotent along any chain of our nodes, KSampler on our MODEL
+visits LCM's timesteps, and concurrent runs on one MODEL do not interfere."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from models import random_lora, save_unet, tiny_sd15_unet
+from safetensors.torch import save_file
+
+TOL = 1e-5
+
+
+def _fake_eps(x_t: torch.Tensor, t: float) -> torch.Tensor:
+    """A closed-form stand-in for a UNet: smooth in x_t and t, so every step's inputs matter."""
+    return 0.4 * x_t + 0.2 * torch.sin(x_t * 3.0 + t / 97.0)
+
+
+class _FakeGuider:
+    """What lcm_loop is given by ComfyUI's KSAMPLER: the noise, the image latent, and a denoising model call
+    that ends in our LCMModelSampling.calculate_denoised, fed ComfyUI's input scaling."""
+
+    def __init__(self, ms, noise, latent_image):
+        self.ms, self.noise, self.latent_image, self.inner_model = ms, noise, latent_image, None
+
+    def __call__(self, x, sigma, **kwargs):
+        x_t = self.ms.calculate_input(sigma, x)  # what the UNet sees: x / sqrt(sigma^2 + 1)
+        return self.ms.calculate_denoised(sigma, _fake_eps(x_t, float(self.ms.timestep(sigma)[0])), x)
+
+
+@pytest.mark.parametrize("timesteps,from_image", [((999, 759, 499, 259), False), ((999,), False), ((899, 599, 299), False),
+                                                  ((739, 559, 379, 199), True)])
+def test_production_loop_equals_lcm_scheduler_step_at_every_step(pack, timesteps, from_image):
+    """lcm_loop + LCMModelSampling (what LCM Sampler runs) against diffusers' LCMScheduler.step on the same
+    inputs: every step's denoised and the final latent, within 1e-5 in float32."""
+    from diffusers import LCMScheduler
+
+    ms = pack.comfy.model_sampling.LCMModelSampling(SimpleNamespace(sampling_settings={}), 10.0)
+    sched = LCMScheduler()
+    sched.set_timesteps(timesteps=list(timesteps))
+    shape = (2, 4, 8, 8)
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    noise = pack.core.SeededNoise(21, shape)
+    initial = noise.draw()
+    gen = torch.Generator("cpu").manual_seed(21)
+    ref = torch.randn(shape, generator=gen)
+    if from_image:
+        ref = sched.add_noise(image, ref, torch.tensor([timesteps[0]]))
+    ref_denoised = []
+    for t in sched.timesteps:
+        ref, den = sched.step(_fake_eps(ref, float(t)), t, ref, generator=gen, return_dict=False)
+        ref_denoised.append(den)
+
+    sigmas = pack.comfy.sampler.sigmas_for(ms, timesteps)
+    seen = []
+    out = pack.comfy.sampler.lcm_loop(_FakeGuider(ms, initial, image), torch.zeros(shape), sigmas,
+                                      callback=lambda d: seen.append(d["denoised"]), noise=noise, from_image=from_image)
+    assert len(seen) == len(timesteps)
+    for i, (ours, theirs) in enumerate(zip(seen, ref_denoised, strict=True)):
+        assert (ours - theirs).abs().max() <= TOL * max(1.0, theirs.abs().max().item()), f"step {i}"
+    assert (out - ref).abs().max() <= TOL * max(1.0, ref.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def chain_files(comfy_base):
+    models = comfy_base / "models"
+    save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=31), models / "diffusion_models" / "chain-lcm.safetensors")
+    save_file(random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=32), "peft"), str(models / "loras" / "chain-lora.safetensors"))
+    return models
+
+
+def test_setup_lcm_is_idempotent_along_any_chain_of_our_nodes(pack, runner, chain_files):
+    """Load LCM UNet -> Apply LCM-LoRA -> Apply LCM-LoRA: one LCMModelSampling, exactly one guidance wrapper, and it
+    sits first (outermost) among the DIFFUSION_MODEL wrappers; the sampling clone adds its own inside it."""
+    ms_mod = pack.comfy.model_sampling
+    prompt = {
+        "1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "chain-lcm.safetensors", "weight_dtype": "fp32"}},
+        "2": {"class_type": "LCMApplyLoRA", "inputs": {"model": ["1", 0], "lora_name": "chain-lora.safetensors", "strength": 1.0}},
+        "3": {"class_type": "LCMApplyLoRA", "inputs": {"model": ["2", 0], "lora_name": "chain-lora.safetensors", "strength": 0.5}},
+    }
+    out = runner.run(prompt, ["1", "2", "3"])
+    for node_id in ("1", "2", "3"):
+        model = out[node_id][0][0]
+        wrappers = model.wrappers[ms_mod.DIFFUSION_MODEL]
+        assert list(wrappers)[0] == ms_mod.GUIDANCE_WRAPPER_KEY, (node_id, list(wrappers))
+        assert len(model.get_wrappers(ms_mod.DIFFUSION_MODEL, ms_mod.GUIDANCE_WRAPPER_KEY)) == 1, node_id
+        assert ms_mod.is_lcm_sampling(model.object_patches["model_sampling"])
+    once = ms_mod.setup_lcm(out["3"][0][0], guidance_scale=3.0)
+    twice = ms_mod.setup_lcm(once)
+    assert len(twice.get_wrappers(ms_mod.DIFFUSION_MODEL, ms_mod.GUIDANCE_WRAPPER_KEY)) == 1
+    assert twice.model_options["transformer_options"][ms_mod.GUIDANCE_OPTION] == 3.0  # None keeps the value
+    # a wrapper someone else added earlier: ours still goes first, theirs stays
+    other = twice.clone()
+    other.remove_wrappers_with_key(ms_mod.DIFFUSION_MODEL, ms_mod.GUIDANCE_WRAPPER_KEY)
+    other.add_wrapper_with_key(ms_mod.DIFFUSION_MODEL, "someone_else", lambda executor, *a, **k: executor(*a, **k))
+    again = ms_mod.setup_lcm(other)
+    assert list(again.wrappers[ms_mod.DIFFUSION_MODEL]) == [ms_mod.GUIDANCE_WRAPPER_KEY, "someone_else"]
+    # the input MODELs were never changed
+    assert len(out["1"][0][0].get_wrappers(ms_mod.DIFFUSION_MODEL, ms_mod.GUIDANCE_WRAPPER_KEY)) == 1
+
+
+def test_ksampler_on_our_model_visits_lcms_timesteps(pack, runner, chain_files):
+    """ComfyUI's own KSampler (sampler lcm, scheduler sgm_uniform) on Load LCM UNet's MODEL feeds the UNet the
+    timesteps LCM Sampler uses: 999, 759, 499, 259."""
+    import comfy.sample
+
+    model = runner.run({"1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "chain-lcm.safetensors", "weight_dtype": "fp32"}}},
+                       ["1"])["1"][0][0]
+    seen: list[float] = []
+
+    def record(executor, x, timesteps, *args, **kwargs):
+        seen.extend(timesteps.tolist())
+        return executor(x, timesteps, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pack.comfy.model_sampling.DIFFUSION_MODEL, "test_record", record)
+    cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)), {}]]
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    out = comfy.sample.sample(m, noise, 4, 1.0, "lcm", "sgm_uniform", cond, cond, latent, disable_pbar=True, seed=3)
+    assert [round(t) for t in seen] == [999, 759, 499, 259]
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    config = pack.core.SamplingConfig(seed=3, steps=4, guidance_scale=8.0, progress=False)
+    assert config.planned == (999, 759, 499, 259)
+
+
+def test_concurrent_runs_on_one_model_equal_serial_runs(pack, runner, chain_files):
+    """Two threads sampling one MODEL at once (a library use; ComfyUI itself runs one prompt at a time) wait for
+    each other on the model's run lock and give exactly the serial results."""
+    model = runner.run({"1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "chain-lcm.safetensors", "weight_dtype": "fp32"}}},
+                       ["1"])["1"][0][0]
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(6)), {}]]
+
+    def run(seed):
+        config = pack.core.SamplingConfig(seed=seed, steps=2, guidance_scale=8.0, progress=False)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node (the mode is per thread)
+            return pack.comfy.sampler.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, config)[0]["samples"]
+
+    serial = {seed: run(seed) for seed in (1, 2)}
+    results: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, run(s))) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(results) == {1, 2}
+    assert torch.equal(results[1], serial[1]) and torch.equal(results[2], serial[2])
+    assert not torch.equal(serial[1], serial[2])
+
+
+def test_sampling_config_refuses_bad_values_before_model_work(pack):
+    core = pack.core
+    with pytest.raises(core.LCMInputError, match=r"guidance_scale=nan is out of range: use 0 to 100"):
+        core.SamplingConfig(seed=1, guidance_scale=float("nan"))
+    with pytest.raises(core.LCMInputError, match=r"seed=-1 is out of range"):
+        core.SamplingConfig(seed=-1)
+    with pytest.raises(core.LCMInputError, match=r"strength_mode='x' is not one of \['lcm', 'truncate'\]"):
+        core.SamplingConfig(seed=1, strength_mode="x")
+    config = core.SamplingConfig(seed=1, steps=4, strength=0.5, strength_mode="truncate", from_image=True, keep_graphs=False)
+    assert config.planned == (499, 259) and config.keep_graphs == "never"
+    with pytest.raises(Exception, match="cannot assign"):
+        config.steps = 8  # frozen
+
