@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,6 +27,30 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
+
+
+def pack(name: str):
+    """A module of this pack (``lcm_nodes.<name>``), imported as a package so its relative imports resolve."""
+    import importlib
+
+    if "lcm_nodes" not in sys.modules:
+        link_dir = Path(tempfile.mkdtemp(prefix="lcm-pack-"))
+        (link_dir / "lcm_nodes").symlink_to(REPO, target_is_directory=True)
+        sys.path.append(str(link_dir))
+    return importlib.import_module(f"lcm_nodes.{name}")
+
+
+def sample(model, pos, neg, latent, seed, guidance, fast=True, keep_graphs="always", compile_=False):
+    """One LCM Sampler run (4 steps) through the pack's sampler; returns (latents, SamplingStats)."""
+    config = pack("lcm_core.config").SamplingConfig(seed=seed, steps=STEPS, guidance_scale=guidance, fast=fast,
+                                                    keep_graphs=keep_graphs, progress=False)
+    with pack("lcm_comfy.compile").requested(compile_):
+        out, stats = pack("lcm_comfy.sampler").sample(model, pos, neg, latent, config)
+    return out["samples"], stats
+
+
+def load_unet(sd: dict, name: str):
+    return pack("lcm_comfy.loading").load_lcm_unet_state_dict(sd, name, "fp16")
 
 
 def boot_comfy(comfy_path: str, cpu: bool):
@@ -45,6 +70,7 @@ def boot_comfy(comfy_path: str, cpu: bool):
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     sys.path.append(str(REPO))
+    sys.path.append(str(REPO / "tests"))  # the test oracles (diffusers <-> ComfyUI conditioning)
 
 
 def timed(fn, reps: int, warmup: int = 2) -> tuple[float, object]:
@@ -100,7 +126,7 @@ def diffusers_inputs(family, batch, h, dtype=torch.float16):
 
 
 def comfy_conds(family, batch, h):
-    from lcm_core import diffusers_to_conditioning
+    from oracles import diffusers_to_conditioning
 
     g = torch.Generator().manual_seed(1)
     if family == "sd15":
@@ -116,8 +142,6 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from lcm_core import comfy_adapter
-
     h = 64 if family == "sd15" else 128
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -127,9 +151,9 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
                             force_upcast=False).half().eval()
     params = sum(p.numel() for p in unet.parameters())
     sd_cpu = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
-    guided = comfy_adapter.load_lcm_unet_state_dict(dict(sd_cpu), f"{family}-guided", "fp16")
+    guided = load_unet(dict(sd_cpu), f"{family}-guided")
     plain_sd = {k: v for k, v in sd_cpu.items() if "cond_proj" not in k}
-    plain = comfy_adapter.load_lcm_unet_state_dict(plain_sd, f"{family}", "fp16")
+    plain = load_unet(plain_sd, f"{family}")
     comfy_vae = comfy.sd.VAE(sd={k: v.to("cpu") for k, v in vae.state_dict().items()})
     native = ModelSamplingDiscrete().patch(plain, "lcm", False)[0]
     # diffusers baseline: the same weights without the guidance projection
@@ -148,9 +172,12 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
         latent = {"samples": torch.zeros(batch, 4, h, h)}
         seed = 42
 
-        def ours(fast, model=plain, guidance=1.0, stats=None, keep_graphs=True, latent=latent, seed=seed):
-            return comfy_adapter.sample(model, pos, neg, latent, seed, STEPS, guidance, fast=fast, disable_pbar=True, stats=stats,
-                                        keep_graphs=keep_graphs)["samples"]
+        def ours(fast, model=plain, guidance=1.0, stats=None, keep_graphs="always", latent=latent, seed=seed):
+            out, st = sample(model, pos, neg, latent, seed, guidance, fast=fast, keep_graphs=keep_graphs)
+            if stats is not None:
+                stats.clear()
+                stats.update(vars(st))
+            return out
 
         def native_run(cfg=1.0, latent=latent, seed=seed, native=native):
             noise = comfy.sample.prepare_noise(latent["samples"], seed)
@@ -190,7 +217,7 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
         })
         if batch == 1:
             with torch.inference_mode():
-                t_nokeep, _ = timed(lambda: ours(True, keep_graphs=False), reps)
+                t_nokeep, _ = timed(lambda: ours(True, keep_graphs="never"), reps)
                 host = []
                 for _ in range(reps):
                     st: dict = {}
@@ -234,6 +261,87 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
     torch.cuda.empty_cache()
+
+
+def bench_compile(family: str, reps: int) -> dict:
+    """Issue #12's faster-kernel mode in-process, batch 1, 4 steps, guidance embedding (w = 7), timed beside the exact path.
+
+    Columns: the exact fast path with ComfyUI's VAE decode (the default), with LCM VAE Decode's compiled decoder,
+    and the compiled UNet with the compiled decoder; the first call of each compiled piece is its compile (cold
+    or from the on-disk cache, whichever this machine has). Deviations are max |diff| over max |exact| for
+    latents, and max / mean |diff| in [0, 1] pixel units for images.
+    """
+    import comfy.sd
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae_mod = pack("lcm_comfy.vae")
+    compile_mod = pack("lcm_comfy.compile")
+    h = 64 if family == "sd15" else 128
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**unet_config(family, 256)).half().eval()
+        vae_ref = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+    sd = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+    vae_sd = {k: v.detach().to("cpu", copy=True) for k, v in vae_ref.state_dict().items()}
+    del unet, vae_ref
+    torch.cuda.empty_cache()
+    model = load_unet(sd, f"{family}-compile")
+    vae = comfy.sd.VAE(sd=vae_sd)
+    pos, _ = comfy_conds(family, 1, h)
+    latent = {"samples": torch.zeros(1, 4, h, h)}
+    res: dict = {"vae_dtype": str(vae.vae_dtype), "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+
+    def run(compile_, seed=42):
+        return sample(model, pos, None, latent, seed, 8.0, compile_=compile_)[0]
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        exact = run(False)
+        torch.cuda.synchronize()
+        res["exact_first_call_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = run(True)
+        torch.cuda.synchronize()
+        res["unet_compile_first_call_s"] = time.perf_counter() - t0
+        st: dict = {}
+        t0 = time.perf_counter()
+        img_fast = vae_mod.decode(vae, {"samples": exact}, compile=True, stats=st)
+        torch.cuda.synchronize()
+        res["vae_compile_first_call_s"] = time.perf_counter() - t0
+        res["vae_path"] = st.get("path")
+        img_ref = vae_mod.comfy_decode(vae, exact)
+        d = (img_fast - img_ref).abs()
+        res["vae_compiled_vs_vaedecode_max_abs"] = d.max().item()
+        res["vae_compiled_vs_vaedecode_mean_abs"] = d.mean().item()
+        res["unet_compiled_vs_exact_rel_max"] = (compiled - exact).abs().max().item() / exact.abs().max().item()
+        again = run(False)
+        res["exact_again_bit_identical"] = bool(torch.equal(again, exact))
+        img_c = vae_mod.decode(vae, {"samples": compiled}, compile=True)
+        d = (img_c - img_ref).abs()
+        res["e2e_compiled_vs_exact_image_max_abs"] = d.max().item()
+        res["e2e_compiled_vs_exact_image_mean_abs"] = d.mean().item()
+        rows = {
+            "exact_latents_ms": lambda: run(False),
+            "compiled_latents_ms": lambda: run(True),
+            "vaedecode_ms": lambda: vae_mod.comfy_decode(vae, exact),
+            "lcm_vae_decode_compiled_ms": lambda: vae_mod.decode(vae, {"samples": exact}, compile=True),
+            "exact_e2e_vaedecode_ms": lambda: vae_mod.comfy_decode(vae, run(False)),
+            "exact_e2e_compiled_vae_ms": lambda: vae_mod.decode(vae, {"samples": run(False)}, compile=True),
+            "compiled_e2e_compiled_vae_ms": lambda: vae_mod.decode(vae, {"samples": run(True)}, compile=True),
+        }
+        for name, fn in rows.items():
+            res[name], _ = timed(fn, reps)
+    record = compile_mod.record_of(model.model.diffusion_model)
+    res["unet_compile_seconds"] = list(record.seconds.values())
+    res["images_per_s_compiled_e2e"] = 1000 / res["compiled_e2e_compiled_vae_ms"]
+    print(family, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
+    rows.clear()
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    return res
 
 
 def targets_table(results: dict) -> list[str]:
@@ -341,15 +449,13 @@ def cpu_smoke(comfy_path: str) -> int:
     boot_comfy(comfy_path, cpu=True)
     from diffusers import UNet2DConditionModel
 
-    from lcm_core import comfy_adapter
-
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(320,), down_block_types=("CrossAttnDownBlock2D",),
                                 up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, cross_attention_dim=768,
                                 attention_head_dim=8, time_cond_proj_dim=256)
-    model = comfy_adapter.load_lcm_unet_state_dict(dict(unet.state_dict()), "smoke", "fp32")
+    model = pack("lcm_comfy.loading").load_lcm_unet_state_dict(dict(unet.state_dict()), "smoke", "fp32")
     pos = [[torch.randn(1, 77, 768), {}]]
-    a = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 4, 8.0, fast=True, disable_pbar=True)["samples"]
-    b = comfy_adapter.sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 4, 8.0, fast=False, disable_pbar=True)["samples"]
+    a, _ = sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 8.0, fast=True)
+    b, _ = sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 8.0, fast=False)
     ok = torch.isfinite(a).all() and torch.equal(a, b)
     print("smoke:", "ok" if ok else "FAILED", tuple(a.shape))
     return 0 if ok else 1
@@ -361,10 +467,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "out"))
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--families", default="sd15,sdxl")
+    p.add_argument("--compile", action="store_true", help="only the compile-mode table (issue #12): exact vs compiled UNet "
+                   "and VAE decoder, end to end, with compile times and deviations; writes results_compile.json")
     args = p.parse_args(argv)
     if args.comfyui is None:
         sys.path.append(str(REPO))
-        from lcm_core.locate import find_comfyui
+        from lcm_tools.locate import find_comfyui
 
         args.comfyui = str(find_comfyui()[0])
     if not torch.cuda.is_available():
@@ -374,6 +482,14 @@ def main(argv=None) -> int:
 
     results = {"card": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "reps": args.reps,
                "software": f"PyTorch {torch.__version__}, diffusers {diffusers.__version__}, ComfyUI v0.8.0, Python {platform.python_version()}"}
+    if args.compile:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for fam in args.families.split(","):
+            results[fam] = bench_compile(fam, args.reps)
+            (out / "results_compile.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=1))
+        return 0
     results["matmul_tflops"] = matmul_tflops()
     print(f"{results['card']}: fp16 matmul {results['matmul_tflops']:.0f} TFLOP/s", flush=True)
     for fam in args.families.split(","):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lcm import boot_comfy, comfy_conds, unet_config  # noqa: E402
+from bench_lcm import boot_comfy, comfy_conds, load_unet, pack, sample, unet_config  # noqa: E402
 
 
 def replay_ms(fn, *args, reps: int = 20):
@@ -101,11 +101,12 @@ def main() -> int:
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     from diffusers import UNet2DConditionModel
 
-    from lcm_core import comfy_adapter
+    fastpath = pack("lcm_comfy.fastpath")
+    sampler = pack("lcm_comfy.sampler")
 
     released = []
-    orig_release = comfy_adapter.release_graphs
-    comfy_adapter.release_graphs = lambda m: (released.append(time.perf_counter()), orig_release(m))
+    orig_release = fastpath.release_graphs
+    fastpath.release_graphs = lambda m: (released.append(time.perf_counter()), orig_release(m))
     fam = args.family
     h = 64 if fam == "sd15" else 128
     with torch.device("cuda"):
@@ -113,7 +114,7 @@ def main() -> int:
     sd = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
     del unet
     torch.cuda.empty_cache()
-    model = comfy_adapter.load_lcm_unet_state_dict(sd, fam, "fp16")
+    model = load_unet(sd, fam)
     native = ModelSamplingDiscrete().patch(model, "lcm", False)[0]
     pos, neg = comfy_conds(fam, 1, h)
     latent = {"samples": torch.zeros(1, 4, h, h)}
@@ -124,7 +125,8 @@ def main() -> int:
 
     def ours(fast):
         st = {}
-        out = comfy_adapter.sample(model, pos, neg, latent, 1, 4, 1.0, fast=fast, disable_pbar=True, stats=st)
+        out, stats = sample(model, pos, neg, latent, 1, 1.0, fast=fast)
+        st.update(vars(stats))
         return out, st
 
     def timings(label, fn, calls=6):
@@ -162,14 +164,14 @@ def main() -> int:
             print(f"  {n:3d}  {k}")
 
     no_prefetch = lambda guider, device: None  # noqa: E731
-    prefetch = comfy_adapter._inputs_to_device
+    prefetch = sampler.inputs_to_device
     with torch.inference_mode():
         timings("native", native_run)
-        comfy_adapter._inputs_to_device = no_prefetch
+        sampler.inputs_to_device = no_prefetch
         timings("ours-eager, conds left on the CPU", lambda: ours(False))
         timings("ours-fast, conds left on the CPU", lambda: ours(True))
         sync_points("ours-fast, conds left on the CPU", lambda: ours(True))
-        comfy_adapter._inputs_to_device = prefetch
+        sampler.inputs_to_device = prefetch
         timings("ours-eager", lambda: ours(False))
         timings("ours-fast", lambda: ours(True))
         sync_points("native", native_run)

@@ -85,7 +85,8 @@ def main() -> int:
     from test_http import TINY
     from test_reliability import latent_prompt, server_process
 
-    from lcm_core.runner import ComfyClient, LocalComfy
+    from lcm_tools.client import ComfyClient
+    from lcm_tools.server import LocalComfy
 
     path, _ = find_comfyui()
     sys.path.insert(0, str(path))  # the tiny checkpoint is written with ComfyUI's key maps
@@ -107,7 +108,7 @@ def main() -> int:
     os.environ["MEMPROBE_OUT"] = str(snaps)
     if args.no_trace:
         os.environ["MEMPROBE_FRAMES"] = "0"
-    with LocalComfy(path, ["--cpu", "--base-directory", str(base)], work / "server.log") as url:
+    with LocalComfy(path, base_directory=base, cpu=True, log_path=work / "server.log") as url:
         client = ComfyClient(url)
         proc = server_process(url)
 

@@ -26,6 +26,7 @@ import comfy.patcher_extension
 import torch
 
 from ..lcm_core.graphs import GraphCache
+from . import compile as compile_mode  # issue #12: the sampler's opt-in torch.compile mode
 
 log = logging.getLogger("lcm_nodes")
 
@@ -157,13 +158,16 @@ def _make_fast_wrapper(patcher, clone: SamplingClone):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         if record.fingerprint is None:
             record.first_forward_at = time.perf_counter()
-            record.fingerprint = cache.watch(executor.class_obj)
+            # issue #12 compile mode: compiled and exact graphs get different keys (unchanged when not asked for)
+            record.fingerprint = compile_mode.fingerprint(cache.watch(executor.class_obj), executor)
 
         def forward(x, timesteps, context, y):
             return executor(x, timesteps, context, y, control, transformer_options)
 
         record.graph_calls += 1
-        return cache.run(forward, record.fingerprint, {"x": x, "timesteps": timesteps, "context": context, "y": y})
+        tensors = {"x": x, "timesteps": timesteps, "context": context, "y": y}
+        forward = compile_mode.forward_for_capture(forward, executor, transformer_options, tensors)  # issue #12: `forward` unless asked
+        return cache.run(forward, record.fingerprint, tensors)
 
     return wrapper
 

@@ -29,8 +29,8 @@ from ..lcm_core.config import SamplingConfig, SamplingStats
 from ..lcm_core.noise import SeededNoise
 from ..lcm_core.step import renoise
 from .checks import check_conditioning, check_latent, zero_conditioning
-from .fastpath import sampling_clone
 from .fastpath import finish_run as _finish_fast_path
+from .fastpath import sampling_clone
 from .model_sampling import GUIDANCE_OPTION, LCMModelSampling, check_eps_model, has_guidance_embedding
 
 log = logging.getLogger("lcm_nodes")
@@ -51,7 +51,7 @@ def sample(model, positive: list, negative: list | None, latent: dict, config: S
     batch = samples.shape[0]
     check_conditioning(positive, "positive", model, batch)
     guided = has_guidance_embedding(model)
-    cfg, negative = _guidance(config.guidance_scale, guided, positive, negative, model, batch)
+    cfg, negative = guidance_choice(config.guidance_scale, guided, positive, negative, model, batch, "LCM Sampler")
 
     clone = sampling_clone(model, ("lcm", config.timestep_scaling),
                            lambda model_config: LCMModelSampling(model_config, config.timestep_scaling), config.fast)
@@ -70,7 +70,7 @@ def sample(model, positive: list, negative: list | None, latent: dict, config: S
             noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(m, len(config.planned)),
             disable_pbar=not config.progress, seed=config.seed,
         )
-        stats = _stats(clone, config, started)
+        stats = run_stats(clone, config.planned, started)
         stats.released_after_run = _finish_fast_path(clone, config.keep_graphs)
     out = latent.copy()
     out.pop("downscale_ratio_spacial", None)
@@ -78,18 +78,20 @@ def sample(model, positive: list, negative: list | None, latent: dict, config: S
     return out, stats
 
 
-def _guidance(guidance_scale: float, guided: bool, positive: list, negative: list | None, model, batch: int):
-    """The CFG scale ComfyUI's guider gets (1 = one forward per step) and the negative it is given."""
+def guidance_choice(guidance_scale: float, guided: bool, positive: list, negative: list | None, model, batch: int,
+                    who: str = "LCM Sampler"):
+    """The CFG scale ComfyUI's guider gets (1 = one forward per step) and the negative it is given (shared by the
+    LCM and TCD samplers; ``who`` names the node in log lines)."""
     cfg = 1.0 if guided or guidance_scale <= 1.0 else guidance_scale
     if cfg > 1.0:
         if negative is None:
-            log.info("LCM Sampler: no negative prompt connected; using zeroed conditioning for classifier-free guidance.")
+            log.info("%s: no negative prompt connected; using zeroed conditioning for classifier-free guidance.", who)
             negative = zero_conditioning(positive)
         check_conditioning(negative, "negative", model, batch)
     elif negative is None:
         negative = zero_conditioning(positive)  # unused at cfg 1, but ComfyUI's guider expects one
     elif guided:
-        log.info("LCM Sampler: the model has a guidance embedding; the negative prompt has no effect.")
+        log.info("%s: the model has a guidance embedding; the negative prompt has no effect.", who)
     return cfg, negative
 
 
@@ -105,10 +107,11 @@ def sigmas_for(model_sampling, timesteps: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([table[torch.tensor(timesteps, dtype=torch.long)], table.new_zeros(1)])
 
 
-def _stats(clone, config: SamplingConfig, started: float) -> SamplingStats:
+def run_stats(clone, timesteps, started: float) -> SamplingStats:
+    """The statistics of the run that just ended on ``clone`` (started at ``started``, ``time.perf_counter``)."""
     record, cache = clone.record, clone.graphs
     return SamplingStats(
-        timesteps=list(config.planned), graph_calls=record.graph_calls, eager_calls=record.eager_calls,
+        timesteps=list(timesteps), graph_calls=record.graph_calls, eager_calls=record.eager_calls,
         fast_path_off=record.fast_path_off, graphs=len(cache) if cache else 0,
         graph_pool_bytes=cache.pool_bytes if cache else 0,
         capture_seconds=list(cache.capture_seconds) if cache else [],
@@ -145,14 +148,14 @@ def lcm_loop(model, x, sigmas, extra_args=None, callback=None, disable=None, noi
         x = x_t / alphas[i].sqrt()
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         # drawn on the CPU (diffusers' generator) while the GPU computes this step, and copied without a host sync
-        step_noise = _to_device_async(noise.draw().float(), x) if i + 1 < n else None
+        step_noise = to_device_async(noise.draw().float(), x) if i + 1 < n else None
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         x_t = renoise(denoised, step_noise, alphas[i + 1]) if step_noise is not None else denoised
     return x_t
 
 
-def _to_device_async(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def to_device_async(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t.to(like)`` that does not make the CPU wait for queued GPU work (pinned source, non-blocking copy)."""
     if like.is_cuda:
         return t.pin_memory().to(device=like.device, dtype=like.dtype, non_blocking=True)

@@ -7,8 +7,11 @@ from typing_extensions import override
 
 from .loaders import LCMApplyLoRA, LCMLoadUNet
 from .sampling import LCMImg2Img, LCMSampler
+from .save import LCMSaveImage
+from .tcd import TCDSampler
+from .vae import LCMVAEDecode
 
-NODE_CLASSES: list[type[io.ComfyNode]] = [LCMLoadUNet, LCMApplyLoRA, LCMSampler, LCMImg2Img]
+NODE_CLASSES: list[type[io.ComfyNode]] = [LCMLoadUNet, LCMApplyLoRA, LCMSampler, LCMImg2Img, LCMVAEDecode, LCMSaveImage, TCDSampler]
 
 
 class LCMExtension(ComfyExtension):

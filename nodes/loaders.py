@@ -83,7 +83,9 @@ class LCMLoadUNet(io.ComfyNode):
                     "(e.g. KSampler) runs this model. LCM Sampler uses its own guidance_scale.",
                 ),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The UNet as a MODEL set up for LCM, guidance embedding kept. Connect it to LCM Sampler "
+                                       "or LCM Img2Img (or KSampler with sampler 'lcm'); take CLIP and VAE from the base checkpoint "
+                                       "of the same family.")],
         )
 
     @classmethod
@@ -120,7 +122,8 @@ class LCMApplyLoRA(io.ComfyNode):
                     "On: apply the modules that fit and log a warning with the count.",
                 ),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of the model with the LCM-LoRA applied and set up for LCM. Connect it "
+                                       "to LCM Sampler or LCM Img2Img (or KSampler with sampler 'lcm').")],
         )
 
     @classmethod

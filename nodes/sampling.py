@@ -11,7 +11,7 @@ from ..lcm_core.schedule import MAX_STEPS, STRENGTH_MODES, parse_timesteps
 CATEGORY = "sampling/lcm"
 
 
-def _keep_graphs_input():
+def keep_graphs_input():
     # Appended after every other input: saved UI workflows list widget values by position, so new widgets go last.
     return io.Combo.Input(
         "keep_graphs", options=list(KEEP_GRAPHS_MODES), default=KEEP_GRAPHS_MODES[0], optional=True,
@@ -22,7 +22,32 @@ def _keep_graphs_input():
     )
 
 
-def _common_inputs() -> list:
+def fast_input():
+    return io.Boolean.Input(
+        "fast", default=True, optional=True,
+        tooltip="GPU fast path: replay the UNet as a CUDA graph (same result, much less overhead). It turns itself "
+        "off where that is unsafe (CPU, ControlNet, attention patches, model partly offloaded). Off: ordinary path.",
+    )
+
+
+def _compile_input():
+    # issue #12: appended last (after keep_graphs), for the same reason.
+    return io.Boolean.Input(
+        "compile", default=False, optional=True,
+        tooltip="Faster kernels (GPU fast path only): the UNet compiled with torch.compile inside the CUDA graph, about "
+        "25% faster per step. The first run of each model, size and batch compiles (SDXL on an H200: about 85 s, 30 s "
+        "when the disk cache has it). Needs ComfyUI started with --disable-cuda-malloc (otherwise it logs why and runs "
+        "exact). Results differ from the exact path by rounding (see the README). Off: the exact kernels, the same "
+        "latents as diffusers' pipeline.",
+    )
+
+
+TXT2IMG_LATENT = "An Empty Latent Image: its width and height are the picture's size. (For image-to-image use LCM Img2Img.)"
+IMG2IMG_LATENT = ("The input picture as a latent: Load Image -> VAE Encode, with the VAE of the same checkpoint. Its size is "
+                  "the output's size; strength decides how much of it is replaced.")
+
+
+def _common_inputs(latent_tooltip: str) -> list:
     return [
         io.Model.Input("model", tooltip="An LCM MODEL: from Load LCM UNet, or any SD1.5/SDXL model after Apply LCM-LoRA."),
         io.Conditioning.Input("positive", tooltip="The prompt (CLIP Text Encode)."),
@@ -31,7 +56,7 @@ def _common_inputs() -> list:
             tooltip="Negative prompt, used only for classifier-free guidance (guidance_scale > 1 on a model without a "
             "guidance embedding). LCM UNets (lcm-sdxl, LCM_Dreamshaper) ignore it: their guidance is built in.",
         ),
-        io.Latent.Input("latent_image", tooltip="Empty Latent Image for text-to-image; VAE Encode of the input image for img2img."),
+        io.Latent.Input("latent_image", tooltip=latent_tooltip),
         io.Int.Input(
             "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
             tooltip="Noise seed. The same seed gives the same image as diffusers with torch.Generator('cpu').manual_seed(seed).",
@@ -54,11 +79,7 @@ def _common_inputs() -> list:
             "timestep_scaling", default=10.0, min=0.001, max=1000.0, step=0.1, optional=True,
             tooltip="Consistency boundary-condition scaling (10 for every public LCM).",
         ),
-        io.Boolean.Input(
-            "fast", default=True, optional=True,
-            tooltip="GPU fast path: replay the UNet as a CUDA graph (same result, much less overhead). It turns itself "
-            "off where that is unsafe (CPU, ControlNet, attention patches, model partly offloaded). Off: ordinary path.",
-        ),
+        fast_input(),
     ]
 
 
@@ -70,20 +91,23 @@ class LCMSampler(io.ComfyNode):
             display_name="LCM Sampler",
             category=CATEGORY,
             description="Text-to-image with a Latent Consistency Model in 2-8 steps, exactly as diffusers' LCM pipelines.",
-            inputs=_common_inputs() + [_keep_graphs_input()],
-            outputs=[io.Latent.Output()],
+            inputs=_common_inputs(TXT2IMG_LATENT) + [keep_graphs_input(), _compile_input()],
+            outputs=[io.Latent.Output(tooltip="The sampled latent. VAE Decode it with the VAE of the same checkpoint.")],
         )
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, negative=None,
-                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, keep_graphs="while queued") -> io.NodeOutput:
+                original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, keep_graphs="while queued",
+                compile=False) -> io.NodeOutput:
+        from ..lcm_comfy import compile as compile_mode
         from ..lcm_comfy import sampler
 
         config = SamplingConfig(
             seed=seed, steps=steps, guidance_scale=guidance_scale, original_inference_steps=original_inference_steps,
             timesteps=parse_timesteps(timesteps), timestep_scaling=timestep_scaling, fast=fast, keep_graphs=keep_graphs,
         )
-        out, _stats = sampler.sample(model, positive, negative, latent_image, config)
+        with compile_mode.requested(compile):  # issue #12
+            out, _stats = sampler.sample(model, positive, negative, latent_image, config)
         return io.NodeOutput(out)
 
 
@@ -95,7 +119,7 @@ class LCMImg2Img(io.ComfyNode):
             display_name="LCM Img2Img",
             category=CATEGORY,
             description="Image-to-image with a Latent Consistency Model, with diffusers' strength semantics.",
-            inputs=_common_inputs()
+            inputs=_common_inputs(IMG2IMG_LATENT)
             + [
                 io.Float.Input(
                     "strength", default=0.5, min=0.01, max=1.0, step=0.01,
@@ -107,15 +131,18 @@ class LCMImg2Img(io.ComfyNode):
                     "(4 steps at 0.75: 739/559/379/199). 'truncate': as the SD/SDXL img2img pipelines "
                     "(AutoPipelineForImage2Image), the first steps are dropped (int(steps x strength) steps run).",
                 ),
-                _keep_graphs_input(),
+                keep_graphs_input(),
+                _compile_input(),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The image-to-image result as a latent. VAE Decode it with the VAE that encoded the "
+                                        "input image.")],
         )
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, strength, negative=None,
                 original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, strength_mode="lcm",
-                keep_graphs="while queued") -> io.NodeOutput:
+                keep_graphs="while queued", compile=False) -> io.NodeOutput:
+        from ..lcm_comfy import compile as compile_mode
         from ..lcm_comfy import sampler
 
         config = SamplingConfig(
@@ -123,5 +150,6 @@ class LCMImg2Img(io.ComfyNode):
             timesteps=parse_timesteps(timesteps), strength=strength, strength_mode=strength_mode, from_image=True,
             timestep_scaling=timestep_scaling, fast=fast, keep_graphs=keep_graphs,
         )
-        out, _stats = sampler.sample(model, positive, negative, latent_image, config)
+        with compile_mode.requested(compile):  # issue #12
+            out, _stats = sampler.sample(model, positive, negative, latent_image, config)
         return io.NodeOutput(out)

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACK_MODULE = "lcm_nodes"
 sys.path.append(str(REPO))
-from lcm_core.locate import cache_dir, find_comfyui  # noqa: E402,F401
+from lcm_tools.locate import cache_dir, find_comfyui  # noqa: E402,F401
 
 
 def make_base_dir(base: Path) -> Path:

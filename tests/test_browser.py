@@ -21,7 +21,7 @@ from test_http import TINY, server  # noqa: F401
 WORKFLOWS = REPO / "workflows"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = Path(os.environ.get("LCM_SCREENSHOTS", REPO / "screenshots"))
-NAMES = sorted(p.name[: -len(".api.json")] for p in WORKFLOWS.glob("*.api.json"))
+NAMES = sorted(p.name[: -len(".api.json")] for p in (WORKFLOWS / "api").glob("*.api.json"))
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="Debian chromium is not installed")
 
@@ -85,7 +85,7 @@ def page(server):  # noqa: F811
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_loads_queues_and_shows_its_image(page, server, name):  # noqa: F811
-    from lcm_core.runner import ComfyClient
+    from lcm_tools.client import ComfyClient
 
     ui = tiny_ui(name)
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
@@ -101,12 +101,12 @@ def test_workflow_loads_queues_and_shows_its_image(page, server, name):  # noqa:
     assert report["count"] == len(ui["nodes"])
     assert report["missing"] == [] and report["badLinks"] == 0 and report["dialogs"] == [], report
     client = ComfyClient(server)
-    before = set(client._request("/history").keys())
+    before = set(client.request("/history").keys())
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
     deadline = time.monotonic() + 300
     entry = None
     while time.monotonic() < deadline and entry is None:
-        for pid, h in client._request("/history").items():
+        for pid, h in client.request("/history").items():
             if pid not in before and h.get("status", {}).get("completed") is not None:
                 entry = h
         time.sleep(0.5)

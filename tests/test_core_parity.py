@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import LatentConsistencyModelPipeline
-
 from oracles import (
     LATENT_SCALE_FACTORS,
     conditioning_to_diffusers,
@@ -65,11 +64,16 @@ def test_custom_timesteps_equal_diffusers(custom, strength):
     assert check_custom_timesteps(custom, strength=strength) == sched.timesteps.tolist()
 
 
-@pytest.mark.parametrize("bad", [[259, 499], [999, 999], [1000, 10], [5, -1], []])
-def test_custom_timesteps_rejected_with_fix(bad):
-    with pytest.raises(LCMInputError) as e:
+@pytest.mark.parametrize("bad,expect", [
+    ([259, 499], r"custom timesteps must be strictly descending, but 499 follows 259 in \[259, 499\]: sort them high to low"),
+    ([999, 999], r"strictly descending, but 999 follows 999"),
+    ([1000, 10], r"custom timesteps \[1000, 10\] leave the range 0\.\.999: every timestep must lie in it"),
+    ([5, -1], r"custom timesteps \[5, -1\] leave the range 0\.\.999"),
+    ([], r"timesteps is empty: give at least one timestep, e\.g\. '999, 759, 499, 259'"),
+])
+def test_custom_timesteps_rejected_with_fix(bad, expect):
+    with pytest.raises(LCMInputError, match=expect):
         check_custom_timesteps(bad)
-    assert "timesteps" in str(e.value)
 
 
 def test_custom_timesteps_off_schedule_warns(caplog):
@@ -85,11 +89,19 @@ def test_parse_timesteps():
         parse_timesteps("999, 7x")
 
 
-@pytest.mark.parametrize("steps,strength", [(4, 0.3), (4, 0.5), (4, 1.0), (8, 0.75), (3, 0.34)])
+@pytest.mark.parametrize("steps,strength", [(4, 0.3), (4, 0.5), (4, 1.0), (8, 0.75), (3, 0.34), (6, 0.99)])
 def test_truncate_matches_sdxl_img2img_get_timesteps(steps, strength):
-    full = lcm_timesteps(steps)
-    init = min(int(steps * strength), steps)
-    assert truncate_for_strength(full, strength) == full[steps - init:]
+    """'truncate' is StableDiffusionXLImg2ImgPipeline.get_timesteps itself, run on an LCMScheduler's schedule."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    sched = LCMScheduler()
+    sched.set_timesteps(steps)
+    pipe = SimpleNamespace(scheduler=sched, denoising_end=None)
+    ref, n = StableDiffusionXLImg2ImgPipeline.get_timesteps(pipe, steps, strength, "cpu")
+    ours = truncate_for_strength(lcm_timesteps(steps), strength)
+    assert ours == ref.tolist() and len(ours) == n
 
 
 def test_truncate_to_zero_steps_is_an_error():

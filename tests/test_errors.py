@@ -81,7 +81,13 @@ def lora_error(runner, unet, lora, **kw):
 def test_sd15_lora_on_sdxl_names_both(runner, files):
     err = lora_error(runner, "tiny-sdxl.safetensors", "err-sd15-lora.safetensors")
     msg = err["exception_message"]
-    assert "does not fit this SDXL model" in msg and "err-sd15-lora.safetensors" in msg and "of" in msg
+    import re
+
+    assert re.search(r"^LoRA 'err-sd15-lora\.safetensors' does not fit this SDXL model: (\d+) of (\d+) UNet modules fit; "
+                     r"\d+ have the wrong shape \(e\.g\. .*\(320x768 vs layer 320x2048\)\)", msg), msg
+    fit, total = map(int, re.search(r"(\d+) of (\d+) UNet modules fit", msg).groups())
+    assert fit < total
+    assert "use the LCM-LoRA for SDXL (lcm-lora-sdxl for SDXL" in msg
 
 
 def test_sdxl_lora_on_sd15_names_both(runner, files, comfy_base):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from models import random_lora, save_unet, tiny_sd15_unet, tiny_sdxl_unet, tiny_vae
-
 from oracles import conditioning_to_diffusers, diffusers_to_conditioning
 
 SD15_SCALE = 0.18215
@@ -174,6 +173,8 @@ def sdxl_lora(request, sdxl, comfy_base):
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
 def test_sdxl_lcm_lora_txt2img_matches_diffusers(runner, sdxl, sdxl_lora, guidance):
     fmt, name, path = sdxl_lora
+    if (fmt, guidance) == ("kohya", 1.5):
+        pytest.skip("CFG is covered with the PEFT file and by the batch-2 case of both formats (the kohya run costs a minute on 2 CPUs)")
     pos, neg = sdxl_cond(8, 8)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     ours = run_sampler(runner, "tiny-sdxl.safetensors", "LCMSampler", pos, neg, latent, lora=name, steps=4, guidance_scale=guidance)
@@ -224,8 +225,6 @@ def test_lcm_unet_model_runs_in_comfy_ksampler(runner, sd15_lcm):
                                                    "latent_image": ["5", 0], "denoise": 1.0}},
     }
     out = runner.run(prompt, ["3"])["3"][0][0]["samples"]
+    # KSampler runs the MODEL in a real prompt; which timesteps it visits (999/759/499/259, as LCM Sampler) is
+    # asserted in test_adapter.py::test_ksampler_on_our_model_visits_lcms_timesteps by recording the UNet's inputs.
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-    # LCM timesteps from the distilled table: KSampler's sigmas land on 999/759/499/259 like LCM Sampler's.
-    ours = run_sampler(runner, "tiny-lcm-sd15.safetensors", "LCMSampler", [[cond, {}]], None, {"samples": torch.zeros(1, 4, 8, 8)},
-                       steps=4, guidance_scale=8.0)
-    assert out.std() > 0.1 and ours.std() > 0.1

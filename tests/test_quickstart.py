@@ -1,65 +1,166 @@
-"""The README's first command: smoke run without weights, the missing-files message, and --download (local stand-in)."""
+"""The README's first command as a newcomer meets it (issue #11 items 1-5): a fresh copy of this checkout, the
+documented `bash scripts/quickstart`, a real ComfyUI started by it.
+
+- installed in a ComfyUI's custom_nodes/ with no weights: the smoke test runs the chosen workflow's graph, names
+  the missing files with their full folders and sources, honours --width/--height, writes nothing into that
+  ComfyUI's models/ (or input/, output/), and leaves the checkout's `git status` empty;
+- a second checkout, after the first one was deleted (its link still in the shared quickstart folder): --download
+  from a local stand-in of the Hub, a real run, this checkout's code loaded and nobody else's.
+
+The copy's __init__.py gets two lines that record which checkout ComfyUI imported (LCM_TEST_LOADED_MARK).
+"""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import pytest
 from comfy_harness import REPO
-from models import random_lora, tiny_sd15_checkpoint, tiny_sd15_unet
-from safetensors.torch import save_file
+from PIL import Image
+
+from lcm_tools.releases import RELEASES
+
+MARK_LINES = ('\nimport os as _lcm_test_os  # test_quickstart: which checkout did ComfyUI import?\n'
+              'if _lcm_test_os.environ.get("LCM_TEST_LOADED_MARK"): open(_lcm_test_os.environ["LCM_TEST_LOADED_MARK"], "a")'
+              '.write(_lcm_test_os.path.realpath(__file__) + "\\n")\n')
+GIT = ["git", "-c", "user.name=newcomer", "-c", "user.email=newcomer@example.invalid", "-c", "init.defaultBranch=main"]
 
 
-def quickstart(tmp_path: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), **(env_extra or {}))
+def copy_checkout(dest: Path) -> Path:
+    """This working tree as a fresh clone would have it (tracked and new files, nothing ignored), committed."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in files.stdout.splitlines():
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    with open(dest / "__init__.py", "a") as f:
+        f.write(MARK_LINES)
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "fresh clone"]):
+        subprocess.run([*GIT, *cmd], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def git_status(checkout: Path) -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True, check=True).stdout
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def real_comfy(comfy):
     from comfy_harness import find_comfyui
 
-    env["COMFYUI_PATH"] = str(find_comfyui()[0])
-    return subprocess.run([sys.executable, "-m", "lcm_core.quickstart", "--output", str(tmp_path / "out"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return Path(find_comfyui()[0])
 
 
-def test_smoke_run_without_any_weights(comfy, tmp_path):
-    r = quickstart(tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "SMOKE TEST" in r.stderr and "noise, not art" in r.stderr
-    pngs = list((tmp_path / "out").glob("*.png"))
-    assert len(pngs) == 1 and pngs[0].stat().st_size > 0
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory, real_comfy):
+    """The pack's cache folder of these tests, smoke models built in it once (as the quickstart builds them)."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    try:
+        from lcm_tools import smoke
+
+        smoke.ensure_models(real_comfy)
+    finally:
+        if old is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+    return cache
 
 
-def test_missing_files_are_named_with_where_to_put_them(comfy, tmp_path):
-    models = tmp_path / "cache" / "lcm-nodes" / "quickstart" / "models" / "checkpoints"
-    models.mkdir(parents=True)
-    (models / "v1-5-pruned-emaonly.safetensors").write_bytes(b"x")
-    r = quickstart(tmp_path)
-    assert r.returncode == 2
-    assert "loras/lcm-lora-sdv1-5.safetensors" in r.stderr and "latent-consistency/lcm-lora-sdv1-5" in r.stderr
-    assert "v1-5-pruned-emaonly" not in r.stderr.split("missing")[1]
+def run_quickstart(checkout: Path, cwd: Path, cache: Path, mark: Path, *args: str, comfyui: Path | None = None,
+                   env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), LCM_VENV=sys.prefix, LCM_TEST_LOADED_MARK=str(mark), **(env_extra or {}))
+    env.pop("COMFYUI_PATH", None)
+    env.pop("LCM_QUICKSTART_DIR", None)
+    if comfyui is not None:
+        env["COMFYUI_PATH"] = str(comfyui)
+    return subprocess.run(["bash", str(checkout / "scripts" / "quickstart"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
-def test_download_from_a_local_stand_in_then_generate(comfy, tmp_path):
-    hub = tmp_path / "hub"
-    ckpt = hub / "stable-diffusion-v1-5" / "stable-diffusion-v1-5" / "resolve" / "main" / "v1-5-pruned-emaonly.safetensors"
-    lora = hub / "latent-consistency" / "lcm-lora-sdv1-5" / "resolve" / "main" / "pytorch_lora_weights.safetensors"
-    tiny_sd15_checkpoint(ckpt)
-    lora.parent.mkdir(parents=True)
-    save_file(random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=21), "kohya"), str(lora))
+def test_smoke_run_inside_a_comfyui_names_the_files_and_writes_nothing_there(tmp_path, real_comfy, shared_cache):
+    comfy = tmp_path / "ComfyUI"
+    shutil.copytree(real_comfy, comfy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.safetensors", "user", "temp"))
+    checkout = copy_checkout(comfy / "custom_nodes" / "lcm-nodes")
+    before = {d: files_under(comfy / d) for d in ("models", "input", "output")}
+    caller, mark = tmp_path / "somewhere", tmp_path / "loaded.txt"
+    caller.mkdir()
+    r = run_quickstart(checkout, caller, shared_cache, mark, "--workflow", "lcm-sdxl-unet-txt2img", "--width", "64", "--height", "96",
+                       "--output", "out")
+    assert r.returncode == 0, r.stderr[-4000:]
+    # item 1: the chosen workflow's files, their full folders, where each comes from, and what ran instead
+    unet = RELEASES["lcm-sdxl.safetensors"]
+    assert f"{comfy / 'models' / 'diffusion_models'}/\n      lcm-sdxl.safetensors   ({unet.size}" in r.stderr
+    assert f"https://huggingface.co/{unet.repo}  file {unet.file}, saved as lcm-sdxl.safetensors" in r.stderr
+    assert f"{comfy / 'models' / 'checkpoints'}/\n      sd_xl_base_1.0.safetensors" in r.stderr
+    assert "SMOKE TEST" in r.stderr and "'lcm-sdxl-unet-txt2img'" in r.stderr and "ran its graph on SD1.5-shaped models" in r.stderr
+    # item 5: --output is the caller's, the size asked for is honoured
+    images = sorted((caller / "out").glob("*.png"))
+    assert [p.name for p in images] == ["lcm-sdxl-unet-txt2img-smoke_00000.png"]
+    with Image.open(images[0]) as img:
+        assert img.size == (64, 96) and any(lo != hi for lo, hi in img.getextrema())
+    # item 3: that ComfyUI's folders are untouched; the smoke models live in the pack's cache
+    assert {d: files_under(comfy / d) for d in before} == before
+    assert (shared_cache / "lcm-nodes" / "smoke-models").is_dir()
+    # item 4: ComfyUI imported this checkout, once
+    assert mark.read_text().splitlines() == [str(checkout.resolve() / "__init__.py")]
+    assert git_status(checkout) == ""
+
+
+def test_second_checkout_runs_its_own_code_and_downloads_what_is_missing(tmp_path, real_comfy, shared_cache):
+    cache = tmp_path / "cache"  # a user's cache where an older quickstart linked a first clone, since deleted
+    stale = cache / "lcm-nodes" / "quickstart" / "custom_nodes" / "lcm_nodes"
+    stale.parent.mkdir(parents=True)
+    stale.symlink_to(tmp_path / "first-clone-deleted", target_is_directory=True)
+    shutil.copytree(shared_cache / "lcm-nodes" / "smoke-models", cache / "lcm-nodes" / "smoke-models")
+    smoke = cache / "lcm-nodes" / "smoke-models" / "v1"
+    hub = tmp_path / "hub"  # the Hub's URL layout: <repo>/resolve/main/<file>
+    served = {"v1-5-pruned-emaonly.safetensors": smoke / "checkpoints" / "lcm-smoke-sd15.safetensors",
+              "lcm-lora-sdv1-5.safetensors": smoke / "loras" / "lcm-smoke-sd15-lora.safetensors"}
+    for local, src in served.items():
+        rel = RELEASES[local]
+        (hub / rel.repo / "resolve" / "main").mkdir(parents=True)
+        os.link(src, hub / rel.repo / "resolve" / "main" / rel.file)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(hub))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    checkout, mark = copy_checkout(tmp_path / "second-clone"), tmp_path / "loaded.txt"
     try:
-        r = quickstart(tmp_path, "--download", "--width", "64", "--height", "64",
-                       env_extra={"HF_ENDPOINT": f"http://127.0.0.1:{httpd.server_address[1]}"})
+        r = run_quickstart(checkout, checkout, cache, mark, "--download", "--width", "64", "--height", "64", comfyui=real_comfy,
+                           env_extra={"HF_ENDPOINT": f"http://127.0.0.1:{httpd.server_address[1]}"})
     finally:
         httpd.shutdown()
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-4000:]
     assert "SMOKE TEST" not in r.stderr
-    models = tmp_path / "cache" / "lcm-nodes" / "quickstart" / "models"
-    assert (models / "checkpoints" / "v1-5-pruned-emaonly.safetensors").read_bytes() == ckpt.read_bytes()
-    assert (models / "loras" / "lcm-lora-sdv1-5.safetensors").stat().st_size == lora.stat().st_size
-    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    assert not stale.is_symlink() and "left by an older quickstart" in r.stderr
+    assert mark.read_text().splitlines() == [str(checkout.resolve() / "__init__.py")]
+    models = cache / "lcm-nodes" / "quickstart" / "models"
+    for local, src in served.items():
+        assert (models / RELEASES[local].folder / local).read_bytes() == src.read_bytes()
+    images = sorted((checkout / "lcm-output").glob("*.png"))
+    assert [p.name for p in images] == ["sd15-lcm-lora-txt2img_00000.png"]
+    assert git_status(checkout) == ""  # lcm-output/ is ignored: the quickstart leaves the checkout clean
+
+    # item 2: the README's runner command, in the checkout, starts a ComfyUI of its own that has the pack
+    base = cache / "lcm-nodes" / "quickstart"
+    env = dict(os.environ, LCM_TEST_LOADED_MARK=str(mark), COMFYUI_PATH=str(real_comfy))
+    r = subprocess.run([sys.executable, "-m", "lcm_tools", "run", "sd15-lcm-lora-txt2img", "--base-dir", str(base), "--width", "64",
+                        "--height", "64", "--seed", "7", "--output", "out/", "--quiet", "--", "--preview-method", "none"],
+                       cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [p.name for p in (checkout / "out").glob("*.png")] == ["sd15-lcm-lora-txt2img_00000.png"]
+    assert mark.read_text().splitlines() == [str(checkout.resolve() / "__init__.py")] * 2

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from test_http import TINY, server  # noqa: F401  (the session's server fixture)
 
-from lcm_core.runner import ComfyClient, RunnerError
+from lcm_tools.client import ComfyClient, RunnerError
 
 
 def latent_prompt(seed: int, steps: int = 1, size: int = 64, lora: bool = False, timesteps: str = "", prefix: str = "rel") -> dict:
