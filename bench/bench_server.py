@@ -660,7 +660,7 @@ def main(argv=None) -> int:
         try:
             from lcm_tools.locate import find_comfyui
         except ImportError:
-            from lcm_core.locate import find_comfyui
+            from lcm_tools.locate import find_comfyui
 
         args.comfyui = str(find_comfyui()[0])
     import torch

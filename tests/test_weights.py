@@ -1,4 +1,4 @@
-"""`python -m lcm_core.runner convert`: pickled weights to .safetensors, tensors only, never code (issue #6 item 1)."""
+"""`python -m lcm_tools convert`: pickled weights to .safetensors, tensors only, never code (issue #6 item 1)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lcm_core.runner", "convert", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "lcm_tools", "convert", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_a_checkpoint_converts_to_equal_tensors(tmp_path):
