@@ -657,10 +657,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.comfyui is None:
         sys.path.insert(0, str(REPO))
-        try:
-            from lcm_tools.locate import find_comfyui
-        except ImportError:
-            from lcm_tools.locate import find_comfyui
+        from lcm_tools.locate import find_comfyui
 
         args.comfyui = str(find_comfyui()[0])
     import torch
