@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 
 import comfy.model_management
 import comfy.sample
@@ -45,16 +46,32 @@ def sample(model, positive: list, negative: list | None, latent: dict, config: S
     The same ``config.seed`` reproduces diffusers' pipeline called with ``torch.Generator("cpu").manual_seed(seed)``.
     One run per MODEL at a time: concurrent calls on one MODEL wait for each other (the clone's run lock).
     """
+    return run_sampler(
+        model, positive, negative, latent, config, "LCM Sampler", ("lcm", config.timestep_scaling),
+        lambda model_config: LCMModelSampling(model_config, config.timestep_scaling), lcm_loop,
+        lambda noise, model_sampling: {"noise": noise, "from_image": config.from_image},
+    )
+
+
+def run_sampler(model, positive: list, negative: list | None, latent: dict, config, who: str, clone_key: tuple,
+                model_sampling: Callable[[object], object], loop: Callable, loop_options: Callable[[SeededNoise, object], dict],
+                ) -> tuple[dict, SamplingStats]:
+    """Steps 1-6 above, shared by the pack's samplers (LCM here, TCD in :mod:`.tcd`).
+
+    ``config`` has ``seed``, ``guidance_scale``, ``planned``, ``fast``, ``keep_graphs`` and ``progress`` (a
+    :class:`SamplingConfig` or :class:`lcm_core.tcd.TCDConfig`); ``model_sampling(model_config)`` is the sampling
+    clone's model sampling (made once per ``clone_key``); ``loop`` is the KSAMPLER function and
+    ``loop_options(noise, model_sampling)`` its extra options; ``who`` names the node in log lines.
+    """
     started = time.perf_counter()
     check_eps_model(model)
     samples = check_latent(latent, model)
     batch = samples.shape[0]
     check_conditioning(positive, "positive", model, batch)
     guided = has_guidance_embedding(model)
-    cfg, negative = guidance_choice(config.guidance_scale, guided, positive, negative, model, batch, "LCM Sampler")
+    cfg, negative = guidance_choice(config.guidance_scale, guided, positive, negative, model, batch, who)
 
-    clone = sampling_clone(model, ("lcm", config.timestep_scaling),
-                           lambda model_config: LCMModelSampling(model_config, config.timestep_scaling), config.fast)
+    clone = sampling_clone(model, clone_key, model_sampling, config.fast)
     with clone.lock:
         clone.record = type(clone.record)()
         m = clone.model
@@ -63,10 +80,10 @@ def sample(model, positive: list, negative: list | None, latent: dict, config: S
         latent_image = comfy.sample.fix_empty_latent_channels(m, samples)
         noise = SeededNoise(config.seed, tuple(latent_image.shape), dtype=noise_dtype(m))
         initial = noise.draw().float()
-        sigmas = sigmas_for(m.object_patches["model_sampling"], config.planned)
-        sampler = comfy.samplers.KSAMPLER(lcm_loop, extra_options={"noise": noise, "from_image": config.from_image})
+        ms = m.object_patches["model_sampling"]
+        sampler = comfy.samplers.KSAMPLER(loop, extra_options=loop_options(noise, ms))
         out_samples = comfy.sample.sample_custom(
-            m, initial, cfg, sampler, sigmas, positive, negative, latent_image,
+            m, initial, cfg, sampler, sigmas_for(ms, config.planned), positive, negative, latent_image,
             noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(m, len(config.planned)),
             disable_pbar=not config.progress, seed=config.seed,
         )

@@ -19,23 +19,19 @@ Semantics are those of diffusers' ``StableDiffusion(XL)Pipeline`` / ``StableDiff
 from __future__ import annotations
 
 import logging
-import time
 
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
-import latent_preview
 import torch
 
 from ..lcm_core.config import SamplingStats
 from ..lcm_core.noise import SeededNoise
 from ..lcm_core.step import renoise
 from ..lcm_core.tcd import TCDConfig, previous_timestep, step_draws_noise, tcd_step
-from .checks import check_conditioning, check_latent
-from .fastpath import finish_run, sampling_clone
-from .model_sampling import GUIDANCE_OPTION, check_eps_model, has_guidance_embedding, noise_schedule_of
-from .sampler import guidance_choice, inputs_to_device, noise_dtype, run_stats, sigmas_for, to_device_async
+from .model_sampling import noise_schedule_of
+from .sampler import inputs_to_device, run_sampler, to_device_async
 
 log = logging.getLogger("lcm_nodes")
 
@@ -65,40 +61,11 @@ def sample_tcd(model, positive: list, negative: list | None, latent: dict, confi
     embedding gets the scale there instead. ``config.strength < 1`` starts from ``latent`` noised to the first
     planned timestep (image-to-image), otherwise from pure noise. One run per MODEL at a time (the clone's run lock).
     """
-    started = time.perf_counter()
-    check_eps_model(model)
-    samples = check_latent(latent, model)
-    batch = samples.shape[0]
-    check_conditioning(positive, "positive", model, batch)
-    guided = has_guidance_embedding(model)
-    cfg, negative = guidance_choice(config.guidance_scale, guided, positive, negative, model, batch, "TCD Sampler")
-
-    clone = sampling_clone(model, CLONE_KEY, TCDModelSampling, config.fast)
-    with clone.lock:
-        clone.record = type(clone.record)()
-        m = clone.model
-        if guided:
-            m.model_options.setdefault("transformer_options", {})[GUIDANCE_OPTION] = config.guidance_scale
-        latent_image = comfy.sample.fix_empty_latent_channels(m, samples)
-        noise = SeededNoise(config.seed, tuple(latent_image.shape), dtype=noise_dtype(m))
-        initial = noise.draw().float()
-        model_sampling = m.object_patches["model_sampling"]
-        sigmas = sigmas_for(model_sampling, config.planned)
-        sampler = comfy.samplers.KSAMPLER(tcd_loop, extra_options={
-            "noise": noise, "from_image": config.from_image, "timesteps": config.planned, "gamma": config.gamma,
-            "alphas_cumprod": model_sampling.alphas_cumprod,
-        })
-        out_samples = comfy.sample.sample_custom(
-            m, initial, cfg, sampler, sigmas, positive, negative, latent_image,
-            noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(m, len(config.planned)),
-            disable_pbar=not config.progress, seed=config.seed,
-        )
-        stats = run_stats(clone, config.planned, started)
-        stats.released_after_run = finish_run(clone, config.keep_graphs)
-    out = latent.copy()
-    out.pop("downscale_ratio_spacial", None)
-    out["samples"] = out_samples
-    return out, stats
+    return run_sampler(
+        model, positive, negative, latent, config, "TCD Sampler", CLONE_KEY, TCDModelSampling, tcd_loop,
+        lambda noise, model_sampling: {"noise": noise, "from_image": config.from_image, "timesteps": config.planned,
+                                       "gamma": config.gamma, "alphas_cumprod": model_sampling.alphas_cumprod},
+    )
 
 
 def tcd_loop(model, x, sigmas, extra_args=None, callback=None, disable=None, noise: SeededNoise | None = None,
