@@ -19,6 +19,13 @@ from .schedule import STRENGTH_MODES, plan_timesteps
 MAX_GUIDANCE = 100.0
 
 
+def check_guidance(value: object, hint: str) -> float:
+    """``value`` as a float in [0, MAX_GUIDANCE], else LCMInputError naming it, the range and ``hint`` (typical values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= MAX_GUIDANCE:
+        raise LCMInputError(f"guidance_scale={value!r} is out of range: use 0 to {MAX_GUIDANCE:g} ({hint}).")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Everything an LCM sampling run is asked to do, apart from the model and the tensors.
@@ -57,11 +64,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
-            raise LCMInputError(
-                f"guidance_scale={g!r} is out of range: use 0 to {MAX_GUIDANCE:g} (8 for LCM UNets, 1-2 or 0 for LCM-LoRA)."
-            )
+        g = check_guidance(self.guidance_scale, "8 for LCM UNets, 1-2 or 0 for LCM-LoRA")
         s = self.timestep_scaling
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
             raise LCMInputError(f"timestep_scaling={s!r} must be a positive number (10 for every public LCM).")
@@ -69,7 +72,7 @@ class SamplingConfig:
             raise LCMInputError(f"strength_mode={self.strength_mode!r} is not one of {list(STRENGTH_MODES)}: pick one of those.")
         custom = tuple(int(t) for t in self.timesteps) if self.timesteps else None
         object.__setattr__(self, "timesteps", custom)
-        object.__setattr__(self, "guidance_scale", float(g))
+        object.__setattr__(self, "guidance_scale", g)
         object.__setattr__(self, "timestep_scaling", float(s))
         object.__setattr__(self, "keep_graphs", keep_graphs_mode(self.keep_graphs))
         planned = plan_timesteps(self.steps, self.original_inference_steps, custom, self.strength, self.strength_mode)

@@ -164,6 +164,22 @@ def parse_timesteps(text: str) -> list[int] | None:
     return values or None
 
 
+def check_timestep_order(ts: Sequence[int], num_train_timesteps: int, strength: float) -> None:
+    """Custom timesteps shared rules (LCM and TCD): strictly descending and inside 0..T-1, else LCMInputError;
+    a warning, as diffusers gives, when a full-strength schedule does not start at ``T - 1``."""
+    for prev, cur in zip(ts, ts[1:], strict=False):
+        if cur >= prev:
+            raise LCMInputError(
+                f"custom timesteps must be strictly descending, but {cur} follows {prev} in {list(ts)}: sort them high to low."
+            )
+    if ts[0] >= num_train_timesteps or ts[-1] < 0:
+        raise LCMInputError(
+            f"custom timesteps {list(ts)} leave the range 0..{num_train_timesteps - 1}: every timestep must lie in it."
+        )
+    if strength == 1.0 and ts[0] != num_train_timesteps - 1:
+        log.warning("The first custom timestep is %d, not %d: results may be unexpected.", ts[0], num_train_timesteps - 1)
+
+
 def check_custom_timesteps(
     timesteps: Sequence[int],
     original_inference_steps: int = 50,
@@ -183,17 +199,7 @@ def check_custom_timesteps(
         raise LCMInputError(f"{len(ts)} custom timesteps given; at most {MAX_STEPS} are allowed.")
     _check_steps(len(ts), original_inference_steps, num_train_timesteps)
     strength = check_strength(strength)
-    for prev, cur in zip(ts, ts[1:], strict=False):
-        if cur >= prev:
-            raise LCMInputError(
-                f"custom timesteps must be strictly descending, but {cur} follows {prev} in {ts}: sort them high to low."
-            )
-    if ts[0] >= num_train_timesteps or ts[-1] < 0:
-        raise LCMInputError(
-            f"custom timesteps {ts} leave the range 0..{num_train_timesteps - 1}: every timestep must lie in it."
-        )
-    if strength == 1.0 and ts[0] != num_train_timesteps - 1:
-        log.warning("The first custom timestep is %d, not %d: results may be unexpected.", ts[0], num_train_timesteps - 1)
+    check_timestep_order(ts, num_train_timesteps, strength)
     train = set(origin_timesteps(original_inference_steps, strength, num_train_timesteps))
     off = [t for t in ts[1:] if t not in train]
     if off:

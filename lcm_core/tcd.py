@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import MAX_GUIDANCE
+from .config import check_guidance
 from .errors import LCMInputError
 from .graphs import keep_graphs_mode
 from .noise import check_seed
-from .schedule import check_strength, truncate_for_strength
+from .schedule import check_strength, check_timestep_order, truncate_for_strength
 from .step import predicted_original
 
 log = logging.getLogger("lcm_nodes")
@@ -133,17 +133,7 @@ def check_tcd_custom_timesteps(
     _check_int("original_inference_steps", original_inference_steps, 1, num_train_timesteps,
                "the TCD distillation schedule; 50 for every public TCD/Hyper-SD model")
     strength = check_strength(strength)
-    for prev, cur in zip(ts, ts[1:], strict=False):
-        if cur >= prev:
-            raise LCMInputError(
-                f"custom timesteps must be strictly descending, but {cur} follows {prev} in {ts}: sort them high to low."
-            )
-    if ts[0] >= num_train_timesteps or ts[-1] < 0:
-        raise LCMInputError(
-            f"custom timesteps {ts} leave the range 0..{num_train_timesteps - 1}: every timestep must lie in it."
-        )
-    if strength == 1.0 and ts[0] != num_train_timesteps - 1:
-        log.warning("The first custom timestep is %d, not %d: results may be unexpected.", ts[0], num_train_timesteps - 1)
+    check_timestep_order(ts, num_train_timesteps, strength)
     origin = set(tcd_origin_timesteps(original_inference_steps, strength, num_train_timesteps, every_train_timestep))
     off = [t for t in ts[1:] if t not in origin]
     if off:
@@ -294,15 +284,11 @@ class TCDConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
-            raise LCMInputError(
-                f"guidance_scale={g!r} is out of range: use 0 to {MAX_GUIDANCE:g} (<= 1 is no guidance, as TCD-LoRAs are "
-                "usually run; 1-2 is classifier-free guidance with the negative prompt)."
-            )
+        g = check_guidance(self.guidance_scale, "<= 1 is no guidance, as TCD-LoRAs are usually run; 1-2 is classifier-free "
+                           "guidance with the negative prompt")
         custom = tuple(int(t) for t in self.timesteps) if self.timesteps else None
         object.__setattr__(self, "timesteps", custom)
-        object.__setattr__(self, "guidance_scale", float(g))
+        object.__setattr__(self, "guidance_scale", g)
         object.__setattr__(self, "gamma", check_gamma(self.gamma))
         object.__setattr__(self, "strength", check_strength(self.strength))
         object.__setattr__(self, "keep_graphs", keep_graphs_mode(self.keep_graphs))
