@@ -165,7 +165,8 @@ def _blocker(executor) -> str | None:
         return f"compiling this UNet failed earlier ({failed})"
     if torch.cuda.is_available() and torch.cuda.memory.get_allocator_backend() == "cudaMallocAsync":
         # Seen on an H200 with PyTorch 2.11: a compiled UNet captured in a CUDA graph under this allocator (ComfyUI's
-        # default) ended the process with cudaErrorInvalidValue in CUDAMallocAsyncAllocator::free.
+        # default) ended the process with cudaErrorInvalidValue in CUDAMallocAsyncAllocator::free; still so with the
+        # capture fix below in place (bench/probe_allocator.py lifts this check and aborts the same way).
         return ("ComfyUI runs PyTorch's cudaMallocAsync allocator, under which a compiled UNet inside a CUDA graph "
                 "crashes; start ComfyUI with --disable-cuda-malloc to use compile mode")
     return compile_unavailable()

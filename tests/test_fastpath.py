@@ -58,6 +58,34 @@ def test_fast_path_equals_ordinary_path_on_gpu(pack, family, guided):
         assert (fast - eager).abs().max().item() == 0.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("family,cfg,gamma", [("sd15", 1.0, 0.3), ("sd15", 1.5, 0.0), ("sdxl", 1.0, 0.3), ("sdxl", 1.5, 0.5)])
+def test_tcd_fast_path_equals_ordinary_path_on_gpu(pack, family, cfg, gamma):
+    """TCD Sampler takes the same fast path (graphs per step, noise drawn inside the step): identical latents."""
+    from oracles import diffusers_to_conditioning
+
+    unet = (tiny_sd15_unet if family == "sd15" else tiny_sdxl_unet)(time_cond_proj_dim=None)
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(unet.state_dict()), f"gpu-tcd-{family}", "fp16")
+    g = torch.Generator().manual_seed(3)
+    if family == "sd15":
+        pos = [[torch.randn(1, 77, 768, generator=g), {}]]
+    else:
+        pos = diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
+                                        torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
+    import importlib
+
+    tcd, comfy_tcd = (importlib.import_module(f"{pack.root}.{name}") for name in ("lcm_core.tcd", "lcm_comfy.tcd"))
+    for batch in (1, 2):
+        runs = []
+        for fast in (False, True):
+            config = tcd.TCDConfig(seed=11, steps=4, guidance_scale=cfg, gamma=gamma, fast=fast, progress=False)
+            out, stats = comfy_tcd.sample_tcd(model, pos, None, {"samples": torch.zeros(batch, 4, 8, 8)}, config)
+            runs.append((out["samples"], stats))
+        (eager, _), (fast_out, stats) = runs
+        assert stats.graph_calls == 4 and stats.eager_calls == 0
+        assert (fast_out - eager).abs().max().item() == 0.0
+
+
 def _count_syncs(fn) -> int:
     import warnings
 
@@ -123,7 +151,27 @@ def test_weights_watch_sees_replaced_weights_and_rewalks_after_forget():
     net[2] = torch.nn.Linear(3, 2)  # a swapped sub-module is only seen once the tree is walked again
     assert watch(net) == second
     watch.forget()
-    assert watch(net) != second
+    third = watch(net)
+    assert third != second
+    net[0].weight.data = net[0].weight.data.half()  # moved or cast in place (Module.to): same object, new storage
+    fourth = watch(net)
+    assert fourth != third
+
+
+def test_weights_watch_sees_empty_slots_filled_and_emptied():
+    from lcm_core.graphs import WeightsWatch
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 2))  # a None slot (no bias)
+    watch = WeightsWatch()
+    first = watch(net)
+    assert watch(net) == first
+    net[0].bias = torch.nn.Parameter(torch.zeros(3))  # an empty slot filled
+    filled = watch(net)
+    assert filled != first
+    net[0].bias = None
+    assert watch(net) == first
+    net[1].bias = None  # a tensor slot emptied
+    assert watch(net) not in (first, filled)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
