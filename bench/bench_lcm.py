@@ -43,9 +43,8 @@ def pack(name: str):
 def sample(model, pos, neg, latent, seed, guidance, fast=True, keep_graphs="always", compile_=False):
     """One LCM Sampler run (4 steps) through the pack's sampler; returns (latents, SamplingStats)."""
     config = pack("lcm_core.config").SamplingConfig(seed=seed, steps=STEPS, guidance_scale=guidance, fast=fast,
-                                                    keep_graphs=keep_graphs, progress=False)
-    with pack("lcm_comfy.compile").requested(compile_):
-        out, stats = pack("lcm_comfy.sampler").sample(model, pos, neg, latent, config)
+                                                    keep_graphs=keep_graphs, progress=False, compile=compile_)
+    out, stats = pack("lcm_comfy.sampler").sample(model, pos, neg, latent, config)
     return out["samples"], stats
 
 

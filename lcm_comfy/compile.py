@@ -8,8 +8,9 @@ the disk cache; then replayed from the graph), and results that differ from the 
 numbers are in the README). The exact path stays the default and is untouched: without the request nothing here
 runs. Under ComfyUI's default cudaMallocAsync allocator it stays off (see :func:`_blocker`).
 
-How it hooks in. The node sets the request for the duration of its run with :func:`requested` (a context
-variable: it travels with the executor thread's call, never leaks into another run). The fast path's graph
+How it hooks in. A sampling config's ``compile`` field (``SamplingConfig``, ``TCDConfig``) asks for it; the
+sampler sets the request around ComfyUI's sampling call with :func:`requested` (a context variable: it travels
+with the executor thread's call, never leaks into another run). The fast path's graph
 wrapper (``lcm_comfy/fastpath.py``, two marked lines) asks :func:`fingerprint` for the key of its graph cache, so
 compiled and exact graphs never replay for each other, and :func:`forward_for_capture` for the forward to
 capture: the exact one, or the compiled UNet, compiled right there (outside any capture) the first time a size
@@ -206,7 +207,7 @@ def forward_for_capture(exact_forward, executor, transformer_options: dict, tens
         record = record_of(unet) if isinstance(unet, torch.nn.Module) else CompileRecord()
         if why not in record.why_not_logged:
             record.why_not_logged.add(why)
-            log.info("LCM Sampler: compile mode off for this model: %s; the exact kernels run.", why)
+            log.info("LCM Nodes: compile mode off for this model: %s; the exact kernels run.", why)
         return exact_forward
     compiled = _compiled()
     # The UNet writes into transformer_options (original_shape, block, transformer_index...). Each call gets a fresh
@@ -224,7 +225,7 @@ def forward_for_capture(exact_forward, executor, transformer_options: dict, tens
         cache = compile_cache_dir()
         x = tensors["x"]
         family = _family(unet)
-        progress_text(f"LCM Sampler: compiling the {family} UNet for {'x'.join(map(str, x.shape))} {str(x.dtype).replace('torch.', '')} "
+        progress_text(f"LCM Nodes: compiling the {family} UNet for {'x'.join(map(str, x.shape))} {str(x.dtype).replace('torch.', '')} "
                       f"latents with torch.compile: about {EXPECTED_COLD_SECONDS[family]} s on an H200 the first time, about a third "
                       f"of that when {cache} already holds it; once per model, size and batch.")
         start = time.perf_counter()
@@ -241,5 +242,5 @@ def forward_for_capture(exact_forward, executor, transformer_options: dict, tens
                         record.failed)
             return exact_forward
         record.seconds[key] = time.perf_counter() - start
-        progress_text(f"LCM Sampler: UNet compiled in {record.seconds[key]:.1f} s.")
+        progress_text(f"LCM Nodes: UNet compiled in {record.seconds[key]:.1f} s.")
     return compiled_forward

@@ -29,6 +29,7 @@ import torch
 from ..lcm_core.config import SamplingConfig, SamplingStats
 from ..lcm_core.noise import SeededNoise
 from ..lcm_core.step import renoise
+from . import compile as compile_mode
 from .checks import check_conditioning, check_latent, zero_conditioning
 from .fastpath import finish_run as _finish_fast_path
 from .fastpath import sampling_clone
@@ -58,7 +59,7 @@ def run_sampler(model, positive: list, negative: list | None, latent: dict, conf
                 ) -> tuple[dict, SamplingStats]:
     """Steps 1-6 above, shared by the pack's samplers (LCM here, TCD in :mod:`.tcd`).
 
-    ``config`` has ``seed``, ``guidance_scale``, ``planned``, ``fast``, ``keep_graphs`` and ``progress`` (a
+    ``config`` has ``seed``, ``guidance_scale``, ``planned``, ``fast``, ``keep_graphs``, ``progress`` and ``compile`` (a
     :class:`SamplingConfig` or :class:`lcm_core.tcd.TCDConfig`); ``model_sampling(model_config)`` is the sampling
     clone's model sampling (made once per ``clone_key``); ``loop`` is the KSAMPLER function and
     ``loop_options(noise, model_sampling)`` its extra options; ``who`` names the node in log lines.
@@ -82,11 +83,12 @@ def run_sampler(model, positive: list, negative: list | None, latent: dict, conf
         initial = noise.draw().float()
         ms = m.object_patches["model_sampling"]
         sampler = comfy.samplers.KSAMPLER(loop, extra_options=loop_options(noise, ms))
-        out_samples = comfy.sample.sample_custom(
-            m, initial, cfg, sampler, sigmas_for(ms, config.planned), positive, negative, latent_image,
-            noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(m, len(config.planned)),
-            disable_pbar=not config.progress, seed=config.seed,
-        )
+        with compile_mode.requested(config.compile):  # read by the fast path's wrapper, deep in ComfyUI's call
+            out_samples = comfy.sample.sample_custom(
+                m, initial, cfg, sampler, sigmas_for(ms, config.planned), positive, negative, latent_image,
+                noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(m, len(config.planned)),
+                disable_pbar=not config.progress, seed=config.seed,
+            )
         stats = run_stats(clone, config.planned, started)
         stats.released_after_run = _finish_fast_path(clone, config.keep_graphs)
     out = latent.copy()

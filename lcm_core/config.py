@@ -46,6 +46,8 @@ class SamplingConfig:
         keep_graphs: what happens to the fast path's graphs after the run (:data:`~lcm_core.graphs.KEEP_GRAPHS_MODES`;
             ``True``/``False`` are read as "always"/"never").
         progress: show ComfyUI's progress bar.
+        compile: the opt-in faster-kernel mode (issue #12): on the fast path, the UNet compiled with
+            ``torch.compile`` inside the CUDA graph; results differ from the exact path by rounding.
     """
 
     seed: int
@@ -60,6 +62,7 @@ class SamplingConfig:
     fast: bool = True
     keep_graphs: str = "while queued"
     progress: bool = True
+    compile: bool = False
     planned: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -266,7 +266,8 @@ class TCDConfig:
         strength: (0, 1]. 1 is text-to-image (pure noise); below 1 image-to-image as the SD/SDXL img2img pipelines:
             the full schedule is built and its first steps dropped, ``int(n * strength)`` steps run from the
             input latent noised to the first of them.
-        fast / keep_graphs / progress: the GPU fast path, its graphs' lifetime, ComfyUI's progress bar.
+        fast / keep_graphs / progress / compile: the GPU fast path, its graphs' lifetime, ComfyUI's progress bar, and
+            the faster-kernel mode (as :class:`lcm_core.config.SamplingConfig`).
         planned: the timesteps the run visits (derived).
     """
 
@@ -280,6 +281,7 @@ class TCDConfig:
     fast: bool = True
     keep_graphs: str = "while queued"
     progress: bool = True
+    compile: bool = False
     planned: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ def fast_input():
     )
 
 
-def _compile_input():
+def compile_input():
     # issue #12: appended last (after keep_graphs), for the same reason.
     return io.Boolean.Input(
         "compile", default=False, optional=True,
@@ -91,7 +91,7 @@ class LCMSampler(io.ComfyNode):
             display_name="LCM Sampler",
             category=CATEGORY,
             description="Text-to-image with a Latent Consistency Model in 2-8 steps, exactly as diffusers' LCM pipelines.",
-            inputs=_common_inputs(TXT2IMG_LATENT) + [keep_graphs_input(), _compile_input()],
+            inputs=_common_inputs(TXT2IMG_LATENT) + [keep_graphs_input(), compile_input()],
             outputs=[io.Latent.Output(tooltip="The sampled latent. VAE Decode it with the VAE of the same checkpoint.")],
         )
 
@@ -99,15 +99,14 @@ class LCMSampler(io.ComfyNode):
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, negative=None,
                 original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, keep_graphs="while queued",
                 compile=False) -> io.NodeOutput:
-        from ..lcm_comfy import compile as compile_mode
         from ..lcm_comfy import sampler
 
         config = SamplingConfig(
             seed=seed, steps=steps, guidance_scale=guidance_scale, original_inference_steps=original_inference_steps,
             timesteps=parse_timesteps(timesteps), timestep_scaling=timestep_scaling, fast=fast, keep_graphs=keep_graphs,
+            compile=compile,
         )
-        with compile_mode.requested(compile):  # issue #12
-            out, _stats = sampler.sample(model, positive, negative, latent_image, config)
+        out, _stats = sampler.sample(model, positive, negative, latent_image, config)
         return io.NodeOutput(out)
 
 
@@ -132,7 +131,7 @@ class LCMImg2Img(io.ComfyNode):
                     "(AutoPipelineForImage2Image), the first steps are dropped (int(steps x strength) steps run).",
                 ),
                 keep_graphs_input(),
-                _compile_input(),
+                compile_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The image-to-image result as a latent. VAE Decode it with the VAE that encoded the "
                                         "input image.")],
@@ -142,14 +141,12 @@ class LCMImg2Img(io.ComfyNode):
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, strength, negative=None,
                 original_inference_steps=50, timesteps="", timestep_scaling=10.0, fast=True, strength_mode="lcm",
                 keep_graphs="while queued", compile=False) -> io.NodeOutput:
-        from ..lcm_comfy import compile as compile_mode
         from ..lcm_comfy import sampler
 
         config = SamplingConfig(
             seed=seed, steps=steps, guidance_scale=guidance_scale, original_inference_steps=original_inference_steps,
             timesteps=parse_timesteps(timesteps), strength=strength, strength_mode=strength_mode, from_image=True,
-            timestep_scaling=timestep_scaling, fast=fast, keep_graphs=keep_graphs,
+            timestep_scaling=timestep_scaling, fast=fast, keep_graphs=keep_graphs, compile=compile,
         )
-        with compile_mode.requested(compile):  # issue #12
-            out, _stats = sampler.sample(model, positive, negative, latent_image, config)
+        out, _stats = sampler.sample(model, positive, negative, latent_image, config)
         return io.NodeOutput(out)

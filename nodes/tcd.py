@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..lcm_core.schedule import parse_timesteps
 from ..lcm_core.tcd import DEFAULT_GAMMA, TCDConfig
-from .sampling import CATEGORY, fast_input, keep_graphs_input
+from .sampling import CATEGORY, compile_input, fast_input, keep_graphs_input
 
 
 class TCDSampler(io.ComfyNode):
@@ -68,18 +68,20 @@ class TCDSampler(io.ComfyNode):
                 ),
                 fast_input(),
                 keep_graphs_input(),
+                compile_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled latent. VAE Decode it with the VAE of the same checkpoint.")],
         )
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, guidance_scale, gamma, negative=None,
-                original_inference_steps=50, timesteps="", strength=1.0, fast=True, keep_graphs="while queued") -> io.NodeOutput:
+                original_inference_steps=50, timesteps="", strength=1.0, fast=True, keep_graphs="while queued",
+                compile=False) -> io.NodeOutput:
         from ..lcm_comfy import tcd
 
         config = TCDConfig(
             seed=seed, steps=steps, guidance_scale=guidance_scale, gamma=gamma, original_inference_steps=original_inference_steps,
-            timesteps=parse_timesteps(timesteps), strength=strength, fast=fast, keep_graphs=keep_graphs,
+            timesteps=parse_timesteps(timesteps), strength=strength, fast=fast, keep_graphs=keep_graphs, compile=compile,
         )
         out, _stats = tcd.sample_tcd(model, positive, negative, latent_image, config)
         return io.NodeOutput(out)

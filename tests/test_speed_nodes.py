@@ -181,8 +181,8 @@ def test_vae_decode_says_why_it_did_not_compile_and_names_bad_inputs(pack, vae):
 
 def test_compile_input_is_appended_last_and_off_by_default(pack):
     """Saved UI workflows list widget values by position: the new input comes after every existing one."""
-    nodes = module(pack, "nodes.sampling")
-    for cls, before in ((nodes.LCMSampler, "keep_graphs"), (nodes.LCMImg2Img, "keep_graphs")):
+    nodes, tcd_nodes = module(pack, "nodes.sampling"), module(pack, "nodes.tcd")
+    for cls, before in ((nodes.LCMSampler, "keep_graphs"), (nodes.LCMImg2Img, "keep_graphs"), (tcd_nodes.TCDSampler, "keep_graphs")):
         inputs = cls.define_schema().inputs
         assert [i.id for i in inputs[-2:]] == [before, "compile"]
         assert inputs[-1].default is False and inputs[-1].optional and inputs[-1].tooltip
@@ -264,14 +264,15 @@ def test_compile_mode_on_cpu_gives_the_exact_latents(runner, comfy_base):
 
     save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=9), comfy_base / "models" / "diffusion_models" / "tiny-speed.safetensors")
     cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4)), {}]]
-    outs = []
-    for compile_ in (False, True):
-        prompt = {
-            "1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "tiny-speed.safetensors", "weight_dtype": "fp32"}},
-            "2": {"class_type": "LCMTestValue", "inputs": {"key": stash(cond)}},
-            "3": {"class_type": "LCMTestValue", "inputs": {"key": stash({"samples": torch.zeros(1, 4, 8, 8)})}},
-            "4": {"class_type": "LCMSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "latent_image": ["3", 0],
-                                                          "seed": 5, "steps": 1, "guidance_scale": 8.0, "compile": compile_}},
-        }
-        outs.append(runner.run(prompt, ["4"])["4"][0][0]["samples"])
-    assert torch.equal(outs[0], outs[1])
+    for node, extra in (("LCMSampler", {}), ("TCDSampler", {"gamma": 0.3})):
+        outs = []
+        for compile_ in (False, True):
+            prompt = {
+                "1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "tiny-speed.safetensors", "weight_dtype": "fp32"}},
+                "2": {"class_type": "LCMTestValue", "inputs": {"key": stash(cond)}},
+                "3": {"class_type": "LCMTestValue", "inputs": {"key": stash({"samples": torch.zeros(1, 4, 8, 8)})}},
+                "4": {"class_type": node, "inputs": {"model": ["1", 0], "positive": ["2", 0], "latent_image": ["3", 0],
+                                                     "seed": 5, "steps": 2, "guidance_scale": 8.0, "compile": compile_, **extra}},
+            }
+            outs.append(runner.run(prompt, ["4"])["4"][0][0]["samples"])
+        assert torch.equal(outs[0], outs[1]), node

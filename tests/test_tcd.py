@@ -490,7 +490,7 @@ def test_node_inputs_are_the_issues_table_with_tooltips(comfy):
     spec = node.INPUT_TYPES()
     required, optional = spec["required"], spec["optional"]
     assert list(required) == ["model", "positive", "latent_image", "seed", "steps", "guidance_scale", "gamma"]
-    assert list(optional) == ["negative", "original_inference_steps", "timesteps", "strength", "fast", "keep_graphs"]
+    assert list(optional) == ["negative", "original_inference_steps", "timesteps", "strength", "fast", "keep_graphs", "compile"]
     defaults = {name: value[1].get("default") for name, value in {**required, **optional}.items() if len(value) > 1}
     assert {k: defaults[k] for k in ("steps", "guidance_scale", "gamma", "original_inference_steps", "timesteps", "strength")} == {
         "steps": 4, "guidance_scale": 1.0, "gamma": 0.3, "original_inference_steps": 50, "timesteps": "", "strength": 1.0}
@@ -499,4 +499,4 @@ def test_node_inputs_are_the_issues_table_with_tooltips(comfy):
         assert value[1].get("tooltip"), f"{name} has no tooltip"
     assert list(node.RETURN_TYPES) == ["LATENT"] and node.CATEGORY == "sampling/lcm"
     widgets = [n for n, _ in widget_layout(node)[0]]
-    assert widgets == ["seed", "steps", "guidance_scale", "gamma", "original_inference_steps", "timesteps", "strength", "fast", "keep_graphs"]
+    assert widgets == ["seed", "steps", "guidance_scale", "gamma", "original_inference_steps", "timesteps", "strength", "fast", "keep_graphs", "compile"]

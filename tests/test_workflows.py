@@ -104,10 +104,10 @@ def test_workflows_saved_before_keep_graphs_still_load(comfy, name):
     api = json.loads((API / f"{name}.api.json").read_text())
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     for node in ui["nodes"]:
-        if node["type"] in ("LCMSampler", "LCMImg2Img"):
+        if node["type"] in ("LCMSampler", "LCMImg2Img", "TCDSampler"):
             widgets = [n for n, control in widget_layout(comfy.NODE_CLASS_MAPPINGS[node["type"]])[0] for n in [n] * (1 + control)]
-            cut = widgets.index("keep_graphs")
-            assert node["widgets_values"][cut] == "while queued"
+            cut = widgets.index("compile" if node["type"] == "TCDSampler" else "keep_graphs")  # TCD: saved before compile
+            assert node["widgets_values"][cut] == (False if node["type"] == "TCDSampler" else "while queued")
             node["widgets_values"] = node["widgets_values"][:cut]
     assert ui_to_api(ui, comfy.NODE_CLASS_MAPPINGS) == api  # the dropped inputs fall back to their defaults
 
