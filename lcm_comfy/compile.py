@@ -138,15 +138,22 @@ def _unet_call(unet, x, timesteps, context, y, transformer_options):
     return unet._forward(x, timesteps, context, y, None, transformer_options)
 
 
-_compiled_unet = None
+def lazily_compiled(fn):
+    """A function returning ``torch.compile(fn, dynamic=False)``, built on its first call (one per process, under
+    a lock). ``fn`` takes its module as an argument, so the compiled function serves every model and holds none."""
+    built = []
+
+    def get():
+        with _LOCK:
+            if not built:
+                built.append(torch.compile(fn, dynamic=False))
+            return built[0]
+
+    get.built = built  # [] until the first call (tests read it)
+    return get
 
 
-def _compiled():
-    global _compiled_unet
-    with _LOCK:
-        if _compiled_unet is None:
-            _compiled_unet = torch.compile(_unet_call, dynamic=False)
-        return _compiled_unet
+_compiled = lazily_compiled(_unet_call)
 
 
 def _blocker(executor) -> str | None:

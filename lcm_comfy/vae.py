@@ -28,18 +28,16 @@ cache (for the UNet that took 84 -> 28 s; for the decoder it was not measured).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import torch
 
 from ..lcm_core.errors import LCMInputError
-from .compile import compile_cache_dir, compile_unavailable, progress_text
+from .compile import compile_cache_dir, compile_unavailable, lazily_compiled, progress_text
 
 log = logging.getLogger("lcm_nodes")
 
 _STATE_ATTR = "_lcm_nodes_vae_compile"
-_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -50,15 +48,7 @@ def _decoder_call(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     return model.decode(z)
 
 
-_compiled_decoder = None
-
-
-def _compiled():
-    global _compiled_decoder
-    with _LOCK:
-        if _compiled_decoder is None:
-            _compiled_decoder = torch.compile(_decoder_call, dynamic=False)
-        return _compiled_decoder
+_compiled = lazily_compiled(_decoder_call)
 
 
 class _CompileState:

@@ -22,6 +22,10 @@ class RunnerError(RuntimeError):
     """A prompt failed (validation or execution), or ComfyUI could not be reached or started; the text says which."""
 
 
+class ComfyUnreachable(RunnerError):
+    """A request to ComfyUI got no answer at all (refused, reset, timed out): the server's trouble, not the prompt's."""
+
+
 class ComfyClient:
     """A minimal ComfyUI HTTP client: /prompt, /ws progress, /history, /view, /interrupt, /object_info.
 
@@ -52,9 +56,9 @@ class ComfyClient:
                 raise RunnerError(f"ComfyUI answered {exc.code} on {path}: {text[:2000]}") from None
             raise RunnerError(format_prompt_error(payload) if isinstance(payload, dict) else text[:2000]) from None
         except urllib.error.URLError as exc:
-            raise RunnerError(f"cannot reach ComfyUI at {self.server}: {exc.reason}") from None
+            raise ComfyUnreachable(f"cannot reach ComfyUI at {self.server}: {exc.reason}") from None
         except (ConnectionError, TimeoutError) as exc:
-            raise RunnerError(f"cannot reach ComfyUI at {self.server}: {exc}") from None
+            raise ComfyUnreachable(f"cannot reach ComfyUI at {self.server}: {exc}") from None
 
     # kept for callers written against the first runner
     _request = request

@@ -49,7 +49,7 @@ from typing import Any
 import psutil
 from distributed import WorkerPlugin, get_worker
 
-from .client import ComfyClient, RunnerError
+from .client import ComfyClient, ComfyUnreachable, RunnerError
 from .cluster_spec import PromptResult, PromptTask, ServerLost, ServerSpec, ServerStartError
 
 log = logging.getLogger("lcm_nodes.cluster")
@@ -381,15 +381,6 @@ def publish(sources: list[Path], output: Path, stem: str) -> tuple[list[str], li
     return names, kept
 
 
-def _unanswered(exc: RunnerError) -> bool:
-    """Whether the request got no answer at all (refused, reset, timed out): the server's trouble, not the prompt's.
-
-    ComfyClient raises RunnerError for both; its text for a request that got no answer starts "cannot reach ComfyUI".
-    A slow answer under load must be retried (Dask ``retries=``), not recorded as the prompt's failure.
-    """
-    return str(exc).startswith("cannot reach ComfyUI")
-
-
 def run_prompt(task: PromptTask) -> PromptResult:
     """Run one prompt on this worker's ComfyUI and publish its outputs (the Dask task; see the module docstring)."""
     worker = get_worker()
@@ -407,7 +398,8 @@ def run_prompt(task: PromptTask) -> PromptResult:
         if not sources:
             raise RunnerError("the prompt finished but saved no output file (does the workflow end in a Save Image node?)")
     except RunnerError as exc:
-        if _unanswered(exc) or not server.alive():
+        # no answer at all is the server's trouble: a Dask retry (a slow answer under load too), never the prompt's failure
+        if isinstance(exc, ComfyUnreachable) or not server.alive():
             raise ServerLost(f"ComfyUI of worker {worker.name} did not answer during {task.stem}: {exc}") from None
         return PromptResult(**base, error=str(exc), queued_at=queued_at, finished_at=time.time())
     names, kept = publish(sources, Path(task.output), task.stem)

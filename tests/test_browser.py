@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from comfy_harness import REPO
-from test_http import TINY, server  # noqa: F401
+from conftest import TINY
 
 WORKFLOWS = REPO / "workflows"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,7 +65,7 @@ def close_dialogs(pg) -> None:
 
 
 @pytest.fixture(scope="module")
-def page(server):  # noqa: F811
+def page(server):
     assert CHROMIUM, "CI needs Debian chromium for the browser test"
     from playwright.sync_api import sync_playwright
 
@@ -84,7 +84,7 @@ def page(server):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_loads_queues_and_shows_its_image(page, server, name):  # noqa: F811
+def test_workflow_loads_queues_and_shows_its_image(page, server, name):
     from lcm_tools.client import ComfyClient
 
     ui = tiny_ui(name)

@@ -17,35 +17,16 @@ import urllib.request
 
 import pytest
 from comfy_harness import REPO
-from models import random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
+from conftest import TINY
+from models import random_lora, tiny_sd15_unet
 from PIL import Image
 from safetensors.torch import save_file
 
 from lcm_tools import run as lcm_run
 from lcm_tools.client import ComfyClient
-from lcm_tools.server import LocalComfy
 from lcm_tools.workflows import API_DIR, Overrides, apply_overrides, bundled_names, load_workflow
 
 WORKFLOWS = REPO / "workflows"
-TINY = {"ckpt": "tiny-sd15-ckpt.safetensors", "unet": "tiny-lcm-sd15-http.safetensors", "lora": "tiny-sd15-lcm-lora.safetensors"}
-
-
-@pytest.fixture(scope="session")
-def server(comfy, comfy_base, tmp_path_factory):
-    """A ComfyUI v0.8.0 server (subprocess, --cpu) with this pack and tiny models."""
-    from comfy_harness import find_comfyui
-
-    models = comfy_base / "models"
-    tiny_sd15_checkpoint(models / "checkpoints" / TINY["ckpt"])
-    save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=5), models / "diffusion_models" / TINY["unet"])
-    save_file(random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=21), "kohya"), str(models / "loras" / TINY["lora"]))
-    Image.new("RGB", (64, 64), (120, 80, 40)).save(comfy_base / "input" / "lcm-input.png")
-    path, _ = find_comfyui()
-    log = tmp_path_factory.mktemp("server") / "comfyui.log"
-    with LocalComfy(path, base_directory=comfy_base, cpu=True, log_path=log) as url:
-        yield url
-
-
 def runner_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lcm_tools", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 

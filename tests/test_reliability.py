@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_http import TINY, server  # noqa: F401  (the session's server fixture)
+from conftest import TINY
 
 from lcm_tools.client import ComfyClient, RunnerError
 
@@ -52,7 +52,7 @@ def server_process(url: str) -> psutil.Process:
     raise RuntimeError("server process not found")
 
 
-def test_interrupt_stops_within_one_step_and_next_prompt_is_unaffected(server, comfy_base):  # noqa: F811
+def test_interrupt_stops_within_one_step_and_next_prompt_is_unaffected(server, comfy_base):
     client = ComfyClient(server)
     reference = saved_digest(comfy_base, client.wait(client.queue(latent_prompt(11, steps=2, prefix="ref"))))
     long = latent_prompt(12, steps=50, size=256, prefix="long")
@@ -76,7 +76,7 @@ def test_interrupt_stops_within_one_step_and_next_prompt_is_unaffected(server, c
 
 
 @pytest.mark.slow
-def test_200_queued_prompts_complete_and_a_bad_one_fails_alone(server, comfy_base):  # noqa: F811
+def test_200_queued_prompts_complete_and_a_bad_one_fails_alone(server, comfy_base):
     client = ComfyClient(server, timeout=900)
     ids = []
     for i in range(200):
@@ -106,7 +106,7 @@ def test_200_queued_prompts_complete_and_a_bad_one_fails_alone(server, comfy_bas
 
 
 @pytest.mark.slow
-def test_memory_flat_over_50_prompts_alternating_models_and_free(server, comfy_base, capsys):  # noqa: F811
+def test_memory_flat_over_50_prompts_alternating_models_and_free(server, comfy_base, capsys):
     client = ComfyClient(server)
     proc = server_process(server)
     warm, measured = [], []
