@@ -262,6 +262,28 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
     torch.cuda.empty_cache()
 
 
+def full_size_parts(family: str, name: str, with_vae: bool = True):
+    """Full-size random-weight parts on the GPU, seeded: ComfyUI's MODEL of an LCM UNet with the guidance embedding
+    (fp16), the SD VAE (ComfyUI's, its working dtype) or None, batch-1 conditioning and an empty batch-1 latent."""
+    import comfy.sd
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    h = 64 if family == "sd15" else 128
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**unet_config(family, 256)).half().eval()
+        vae_ref = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4) if with_vae else None
+    sd = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+    vae_sd = {k: v.detach().to("cpu", copy=True) for k, v in vae_ref.state_dict().items()} if with_vae else None
+    del unet, vae_ref
+    torch.cuda.empty_cache()
+    model = load_unet(sd, name)
+    vae = comfy.sd.VAE(sd=vae_sd) if with_vae else None
+    pos, _ = comfy_conds(family, 1, h)
+    return model, vae, pos, {"samples": torch.zeros(1, 4, h, h)}
+
+
 def bench_compile(family: str, reps: int) -> dict:
     """Issue #12's faster-kernel mode in-process, batch 1, 4 steps, guidance embedding (w = 7), timed beside the exact path.
 
@@ -270,25 +292,9 @@ def bench_compile(family: str, reps: int) -> dict:
     or from the on-disk cache, whichever this machine has). Deviations are max |diff| over max |exact| for
     latents, and max / mean |diff| in [0, 1] pixel units for images.
     """
-    import comfy.sd
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     vae_mod = pack("lcm_comfy.vae")
     compile_mod = pack("lcm_comfy.compile")
-    h = 64 if family == "sd15" else 128
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel(**unet_config(family, 256)).half().eval()
-        vae_ref = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-    sd = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
-    vae_sd = {k: v.detach().to("cpu", copy=True) for k, v in vae_ref.state_dict().items()}
-    del unet, vae_ref
-    torch.cuda.empty_cache()
-    model = load_unet(sd, f"{family}-compile")
-    vae = comfy.sd.VAE(sd=vae_sd)
-    pos, _ = comfy_conds(family, 1, h)
-    latent = {"samples": torch.zeros(1, 4, h, h)}
+    model, vae, pos, latent = full_size_parts(family, f"{family}-compile")
     res: dict = {"vae_dtype": str(vae.vae_dtype), "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
     def run(compile_, seed=42):
@@ -424,23 +430,27 @@ def write_reports(results: dict, out: Path):
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, fam in zip(axes, ("sd15", "sdxl"), strict=True):
-            if fam not in results:
-                continue
-            r = results[fam]["rows"]["batch1"]
-            labels = ["LCM fast", "LCM ordinary", "ComfyUI native", "diffusers"]
-            lat = [r["lcm_fast_latents_ms"], r["lcm_ordinary_latents_ms"], r["comfy_native_latents_ms"], r["diffusers_latents_ms"]]
-            dec = [r["lcm_fast_decoded_ms"], r["lcm_ordinary_decoded_ms"], r["comfy_native_decoded_ms"], r["diffusers_decoded_ms"]]
-            xs = range(len(labels))
-            ax.bar([x - 0.2 for x in xs], lat, 0.4, label="to latents")
-            ax.bar([x + 0.2 for x in xs], dec, 0.4, label="to decoded image")
-            ax.set_xticks(list(xs), labels)
-            ax.set_ylabel("ms (lower is better)")
-            ax.set_title(f"{fam.upper()} {'512' if fam == 'sd15' else '1024'}px, 4 steps, batch 1 ({results['card']})")
-            ax.legend()
+            if fam in results:
+                inprocess_bars(ax, results, fam)
         fig.tight_layout()
         fig.savefig(out / "chart.png", dpi=110)
     except ImportError:
         pass
+
+
+def inprocess_bars(ax, results: dict, fam: str, fontsize: int | None = None) -> None:
+    """One family's batch-1 bars (to latents, to a decoded image; ours, ComfyUI native, diffusers) on ``ax``."""
+    r = results[fam]["rows"]["batch1"]
+    labels = ["LCM fast", "LCM ordinary", "ComfyUI native", "diffusers"]
+    lat = [r["lcm_fast_latents_ms"], r["lcm_ordinary_latents_ms"], r["comfy_native_latents_ms"], r["diffusers_latents_ms"]]
+    dec = [r["lcm_fast_decoded_ms"], r["lcm_ordinary_decoded_ms"], r["comfy_native_decoded_ms"], r["diffusers_decoded_ms"]]
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], lat, 0.4, label="to latents")
+    ax.bar([x + 0.2 for x in xs], dec, 0.4, label="to decoded image")
+    ax.set_xticks(list(xs), labels, fontsize=fontsize)
+    ax.set_ylabel("ms, in-process (lower is better)")
+    ax.set_title(f"{fam.upper()} {'512' if fam == 'sd15' else '1024'}px, 4 steps, batch 1\n{results['card']}", fontsize=fontsize and fontsize + 1)
+    ax.legend(fontsize=fontsize)
 
 
 def cpu_smoke(comfy_path: str) -> int:

@@ -552,22 +552,13 @@ def write_chart(server_json: Path, inproc_json: Path, out_png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from bench_lcm import inprocess_bars
 
     inproc = json.loads(inproc_json.read_text())
     server = json.loads(server_json.read_text())
     fig, axes = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [1, 1, 1.5]})
     for ax, fam in zip(axes[:2], ("sd15", "sdxl"), strict=True):
-        r = inproc[fam]["rows"]["batch1"]
-        labels = ["LCM fast", "LCM ordinary", "ComfyUI native", "diffusers"]
-        lat = [r["lcm_fast_latents_ms"], r["lcm_ordinary_latents_ms"], r["comfy_native_latents_ms"], r["diffusers_latents_ms"]]
-        dec = [r["lcm_fast_decoded_ms"], r["lcm_ordinary_decoded_ms"], r["comfy_native_decoded_ms"], r["diffusers_decoded_ms"]]
-        xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], lat, 0.4, label="to latents")
-        ax.bar([x + 0.2 for x in xs], dec, 0.4, label="to decoded image")
-        ax.set_xticks(list(xs), labels, fontsize=8)
-        ax.set_ylabel("ms, in-process (lower is better)")
-        ax.set_title(f"{fam.upper()} {'512' if fam == 'sd15' else '1024'}px, 4 steps, batch 1\n{inproc['card']}", fontsize=9)
-        ax.legend(fontsize=8)
+        inprocess_bars(ax, inproc, fam, fontsize=8)
     ax = axes[2]
     best: dict[tuple[str, str], float] = {}
     for run in server["runs"]:  # ComfyUI's default settings only; the median of a variant's repeated queues

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lcm import boot_comfy, comfy_conds, load_unet, pack, sample, unet_config  # noqa: E402
+from bench_lcm import boot_comfy, full_size_parts, pack, sample  # noqa: E402
 
 
 def main() -> int:
@@ -33,8 +33,6 @@ def main() -> int:
     if "cudaMallocAsync" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         p.error("set PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (the allocator ComfyUI starts with by default)")
     boot_comfy(args.comfyui, cpu=False)
-    from diffusers import UNet2DConditionModel
-
     backend = torch.cuda.memory.get_allocator_backend()
     compile_mod = pack("lcm_comfy.compile")
     original = compile_mod._blocker
@@ -48,15 +46,7 @@ def main() -> int:
             torch.cuda.memory.get_allocator_backend = real
 
     compile_mod._blocker = lifted
-    h = 64 if args.family == "sd15" else 128
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel(**unet_config(args.family, 256)).half().eval()
-    sd = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
-    del unet
-    model = load_unet(sd, f"{args.family}-probe")
-    pos, _ = comfy_conds(args.family, 1, h)
-    latent = {"samples": torch.zeros(1, 4, h, h)}
+    model, _, pos, latent = full_size_parts(args.family, f"{args.family}-probe", with_vae=False)
     outs, times = [], []
     with torch.inference_mode():
         for _ in range(3):

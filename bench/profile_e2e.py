@@ -21,27 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lcm import boot_comfy, comfy_conds, load_unet, pack, sample, unet_config  # noqa: E402
-
-
-def build(family: str):
-    import comfy.sd
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    h = 64 if family == "sd15" else 128
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel(**unet_config(family, 256)).half().eval()
-        vae_ref = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-    sd = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
-    vae_sd = {k: v.detach().to("cpu", copy=True) for k, v in vae_ref.state_dict().items()}
-    del unet, vae_ref
-    torch.cuda.empty_cache()
-    model = load_unet(sd, f"{family}-profile")
-    vae = comfy.sd.VAE(sd=vae_sd)
-    pos, _ = comfy_conds(family, 1, h)
-    return model, vae, pos, {"samples": torch.zeros(1, 4, h, h)}
+from bench_lcm import boot_comfy, full_size_parts, pack, sample  # noqa: E402
 
 
 def busy_and_gaps(events: list[dict], start_us: float, end_us: float, min_gap_us: float = 300.0):
@@ -78,7 +58,7 @@ def host_during(events: list[dict], a: float, b: float, limit: int = 6) -> list[
 
 def profile_family(family: str, out: Path) -> dict:
     vae_mod = pack("lcm_comfy.vae")
-    model, vae, pos, latent = build(family)
+    model, vae, pos, latent = full_size_parts(family, f"{family}-profile")
 
     def e2e():
         lat = sample(model, pos, None, latent, 42, 8.0, compile_=True)[0]

@@ -26,8 +26,31 @@ def check_guidance(value: object, hint: str) -> float:
     return float(value)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How a sampling run runs on ComfyUI, shared by :class:`SamplingConfig` and :class:`lcm_core.tcd.TCDConfig`
+    (keyword-only: they follow each config's own fields).
+
+    Attributes:
+        fast: allow the GPU fast path (CUDA-graph replay) where it is safe.
+        keep_graphs: what happens to the fast path's graphs after the run (:data:`~lcm_core.graphs.KEEP_GRAPHS_MODES`;
+            ``True``/``False`` are read as "always"/"never").
+        progress: show ComfyUI's progress bar.
+        compile: the opt-in faster-kernel mode (issue #12): on the fast path, the UNet compiled with
+            ``torch.compile`` inside the CUDA graph; results differ from the exact path by rounding.
+    """
+
+    fast: bool = True
+    keep_graphs: str = "while queued"
+    progress: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_graphs", keep_graphs_mode(self.keep_graphs))
+
+
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(RunOptions):
     """Everything an LCM sampling run is asked to do, apart from the model and the tensors.
 
     Attributes:
@@ -42,12 +65,7 @@ class SamplingConfig:
         strength_mode: ``"lcm"`` (LCM's img2img pipeline) or ``"truncate"`` (the SD/SDXL img2img pipelines).
         from_image: start from ``latent_image`` noised to the first timestep (img2img) instead of pure noise.
         timestep_scaling: the boundary condition's scaling (10 for every public LCM).
-        fast: allow the GPU fast path (CUDA-graph replay) where it is safe.
-        keep_graphs: what happens to the fast path's graphs after the run (:data:`~lcm_core.graphs.KEEP_GRAPHS_MODES`;
-            ``True``/``False`` are read as "always"/"never").
-        progress: show ComfyUI's progress bar.
-        compile: the opt-in faster-kernel mode (issue #12): on the fast path, the UNet compiled with
-            ``torch.compile`` inside the CUDA graph; results differ from the exact path by rounding.
+        fast / keep_graphs / progress / compile: see :class:`RunOptions`.
     """
 
     seed: int
@@ -59,13 +77,10 @@ class SamplingConfig:
     strength_mode: str = "lcm"
     from_image: bool = False
     timestep_scaling: float = 10.0
-    fast: bool = True
-    keep_graphs: str = "while queued"
-    progress: bool = True
-    compile: bool = False
     planned: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_seed(self.seed)
         g = check_guidance(self.guidance_scale, "8 for LCM UNets, 1-2 or 0 for LCM-LoRA")
         s = self.timestep_scaling
@@ -77,7 +92,6 @@ class SamplingConfig:
         object.__setattr__(self, "timesteps", custom)
         object.__setattr__(self, "guidance_scale", g)
         object.__setattr__(self, "timestep_scaling", float(s))
-        object.__setattr__(self, "keep_graphs", keep_graphs_mode(self.keep_graphs))
         planned = plan_timesteps(self.steps, self.original_inference_steps, custom, self.strength, self.strength_mode)
         object.__setattr__(self, "planned", tuple(planned))
 

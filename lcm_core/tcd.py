@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import check_guidance
+from .config import RunOptions, check_guidance
 from .errors import LCMInputError
-from .graphs import keep_graphs_mode
 from .noise import check_seed
 from .schedule import check_strength, check_timestep_order, truncate_for_strength
 from .step import predicted_original
@@ -249,7 +248,7 @@ def tcd_step(
 
 
 @dataclass(frozen=True)
-class TCDConfig:
+class TCDConfig(RunOptions):
     """Everything a TCD sampling run is asked to do, apart from the model and the tensors; checked when made.
 
     It drives a run the way diffusers' ``StableDiffusion(XL)Pipeline`` / ``StableDiffusion(XL)Img2ImgPipeline``
@@ -266,8 +265,7 @@ class TCDConfig:
         strength: (0, 1]. 1 is text-to-image (pure noise); below 1 image-to-image as the SD/SDXL img2img pipelines:
             the full schedule is built and its first steps dropped, ``int(n * strength)`` steps run from the
             input latent noised to the first of them.
-        fast / keep_graphs / progress / compile: the GPU fast path, its graphs' lifetime, ComfyUI's progress bar, and
-            the faster-kernel mode (as :class:`lcm_core.config.SamplingConfig`).
+        fast / keep_graphs / progress / compile: see :class:`lcm_core.config.RunOptions`.
         planned: the timesteps the run visits (derived).
     """
 
@@ -278,13 +276,10 @@ class TCDConfig:
     original_inference_steps: int = 50
     timesteps: tuple[int, ...] | None = None
     strength: float = 1.0
-    fast: bool = True
-    keep_graphs: str = "while queued"
-    progress: bool = True
-    compile: bool = False
     planned: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_seed(self.seed)
         g = check_guidance(self.guidance_scale, "<= 1 is no guidance, as TCD-LoRAs are usually run; 1-2 is classifier-free "
                            "guidance with the negative prompt")
@@ -293,7 +288,6 @@ class TCDConfig:
         object.__setattr__(self, "guidance_scale", g)
         object.__setattr__(self, "gamma", check_gamma(self.gamma))
         object.__setattr__(self, "strength", check_strength(self.strength))
-        object.__setattr__(self, "keep_graphs", keep_graphs_mode(self.keep_graphs))
         if custom:
             full = check_tcd_custom_timesteps(custom, self.original_inference_steps)
         else:

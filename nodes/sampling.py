@@ -30,6 +30,13 @@ def fast_input():
     )
 
 
+def timesteps_input():
+    return io.String.Input(
+        "timesteps", default="", optional=True,
+        tooltip="Custom timesteps, descending and comma-separated (e.g. '999, 759, 499, 259'); overrides steps when set.",
+    )
+
+
 def compile_input():
     # issue #12: appended last (after keep_graphs), for the same reason.
     return io.Boolean.Input(
@@ -71,10 +78,7 @@ def _common_inputs(latent_tooltip: str) -> list:
             "original_inference_steps", default=50, min=1, max=1000, optional=True,
             tooltip="Length of the LCM distillation schedule the timesteps are picked from (50 for every public LCM).",
         ),
-        io.String.Input(
-            "timesteps", default="", optional=True,
-            tooltip="Custom timesteps, descending and comma-separated (e.g. '999, 759, 499, 259'); overrides steps when set.",
-        ),
+        timesteps_input(),
         io.Float.Input(
             "timestep_scaling", default=10.0, min=0.001, max=1000.0, step=0.1, optional=True,
             tooltip="Consistency boundary-condition scaling (10 for every public LCM).",

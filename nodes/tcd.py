@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..lcm_core.schedule import parse_timesteps
 from ..lcm_core.tcd import DEFAULT_GAMMA, TCDConfig
-from .sampling import CATEGORY, compile_input, fast_input, keep_graphs_input
+from .sampling import CATEGORY, compile_input, fast_input, keep_graphs_input, timesteps_input
 
 
 class TCDSampler(io.ComfyNode):
@@ -57,10 +57,7 @@ class TCDSampler(io.ComfyNode):
                     "original_inference_steps", default=50, min=1, max=1000, optional=True,
                     tooltip="Length of the TCD distillation schedule the steps are picked from (50, as TCDScheduler's default).",
                 ),
-                io.String.Input(
-                    "timesteps", default="", optional=True,
-                    tooltip="Custom timesteps, descending and comma-separated (e.g. '999, 759, 499, 259'); overrides steps when set.",
-                ),
+                timesteps_input(),
                 io.Float.Input(
                     "strength", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                     tooltip="1.0: text-to-image from pure noise. Below 1: image-to-image as diffusers' SD/SDXL img2img pipelines "

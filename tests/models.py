@@ -61,6 +61,21 @@ def tiny_vae():
     ).eval()
 
 
+def comfy_kl_vae(ch: int):
+    """ComfyUI's own VAE (its AutoencoderKL, 8x, ``ch`` base channels) with seeded random weights; needs ComfyUI loaded."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = {"params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": ch,
+        "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+    g = torch.Generator().manual_seed(0)
+    shapes = {k: v.shape for k, v in AutoencoderKL(**config["params"]).state_dict().items()}
+    sd = {k: 1.0 + 0.1 * torch.randn(s, generator=g) if len(s) == 1 and "norm" in k and k.endswith("weight")
+          else torch.randn(s, generator=g) * (s[1:].numel() ** -0.5 if len(s) > 1 else 0.05) for k, s in shapes.items()}
+    return comfy.sd.VAE(sd=sd, config=config)
+
+
 def save_unet(unet, path: Path, with_config: bool = False, dtype: torch.dtype | None = None) -> Path:
     sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in unet.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)

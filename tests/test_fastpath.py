@@ -18,6 +18,17 @@ def _sample(pack, model, pos, fast, guidance, shape=(1, 4, 8, 8)):
     return _run(pack, model, pos, {"samples": torch.zeros(shape)}, 7, 4, guidance, fast=fast)
 
 
+def _positive(family: str, seed: int) -> list:
+    """A batch-1 positive CONDITIONING for the tiny SD1.5 or SDXL UNets (SDXL with pooled text and size ids)."""
+    from oracles import diffusers_to_conditioning
+
+    g = torch.Generator().manual_seed(seed)
+    if family == "sd15":
+        return [[torch.randn(1, 77, 768, generator=g), {}]]
+    return diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
+                                     torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
+
+
 def _clone(pack, model):
     """The sampling clone LCM Sampler runs ``model`` on (fast path on, timestep_scaling 10)."""
     lcm_sampling = pack.comfy.model_sampling.LCMModelSampling
@@ -41,16 +52,9 @@ def test_fast_flag_on_cpu_falls_back_to_the_same_result(pack):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
 @pytest.mark.parametrize("family,guided", [("sd15", True), ("sd15", False), ("sdxl", True), ("sdxl", False)])
 def test_fast_path_equals_ordinary_path_on_gpu(pack, family, guided):
-    from oracles import diffusers_to_conditioning
-
     unet = (tiny_sd15_unet if family == "sd15" else tiny_sdxl_unet)(time_cond_proj_dim=256 if guided else None)
     model = pack.comfy.loading.load_lcm_unet_state_dict(dict(unet.state_dict()), f"gpu-{family}", "fp16")
-    g = torch.Generator().manual_seed(1)
-    if family == "sd15":
-        pos = [[torch.randn(1, 77, 768, generator=g), {}]]
-    else:
-        pos = diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
-                                        torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
+    pos = _positive(family, seed=1)
     for batch in (1, 2):
         eager, _ = _sample(pack, model, pos, False, 8.0 if guided else 1.5, (batch, 4, 8, 8))
         fast, stats = _sample(pack, model, pos, True, 8.0 if guided else 1.5, (batch, 4, 8, 8))
@@ -62,16 +66,9 @@ def test_fast_path_equals_ordinary_path_on_gpu(pack, family, guided):
 @pytest.mark.parametrize("family,cfg,gamma", [("sd15", 1.0, 0.3), ("sd15", 1.5, 0.0), ("sdxl", 1.0, 0.3), ("sdxl", 1.5, 0.5)])
 def test_tcd_fast_path_equals_ordinary_path_on_gpu(pack, family, cfg, gamma):
     """TCD Sampler takes the same fast path (graphs per step, noise drawn inside the step): identical latents."""
-    from oracles import diffusers_to_conditioning
-
     unet = (tiny_sd15_unet if family == "sd15" else tiny_sdxl_unet)(time_cond_proj_dim=None)
     model = pack.comfy.loading.load_lcm_unet_state_dict(dict(unet.state_dict()), f"gpu-tcd-{family}", "fp16")
-    g = torch.Generator().manual_seed(3)
-    if family == "sd15":
-        pos = [[torch.randn(1, 77, 768, generator=g), {}]]
-    else:
-        pos = diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
-                                        torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
+    pos = _positive(family, seed=3)
     import importlib
 
     tcd, comfy_tcd = (importlib.import_module(f"{pack.root}.{name}") for name in ("lcm_core.tcd", "lcm_comfy.tcd"))
@@ -103,12 +100,8 @@ def _count_syncs(fn) -> int:
 @pytest.mark.parametrize("guided", [True, False])
 def test_no_host_synchronisation_between_steps_on_gpu(pack, guided):
     """A run's host-device synchronisations do not grow with the number of steps (none inside the loop)."""
-    from oracles import diffusers_to_conditioning
-
     model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sdxl_unet(time_cond_proj_dim=256 if guided else None).state_dict()), "sync", "fp16")
-    g = torch.Generator().manual_seed(2)
-    pos = diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g),
-                                    torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]))
+    pos = _positive("sdxl", seed=2)
     counts = {}
     for steps in (2, 8):
         def run(steps=steps):

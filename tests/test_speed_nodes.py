@@ -121,17 +121,9 @@ def test_lcm_save_image_writes_what_save_image_writes(runner, comfy_base):
 @pytest.fixture(scope="module")
 def vae(comfy):
     """A tiny KL VAE (ComfyUI's own AutoencoderKL at 32 channels, 8x upscale, seeded random weights)."""
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from models import comfy_kl_vae
 
-    config = {"params": {"embed_dim": 4, "ddconfig": {
-        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-        "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
-    g = torch.Generator().manual_seed(0)
-    shapes = {k: v.shape for k, v in AutoencoderKL(**config["params"]).state_dict().items()}
-    sd = {k: 1.0 + 0.1 * torch.randn(s, generator=g) if len(s) == 1 and "norm" in k and k.endswith("weight")
-          else torch.randn(s, generator=g) * (s[1:].numel() ** -0.5 if len(s) > 1 else 0.05) for k, s in shapes.items()}
-    return comfy.sd.VAE(sd=sd, config=config)
+    return comfy_kl_vae(32)
 
 
 def test_lcm_vae_decode_on_cpu_equals_vae_decode(runner, vae):
