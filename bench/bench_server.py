@@ -503,9 +503,10 @@ def png_costs(reps: int = 5) -> dict:
 
     import numpy as np
     import torch
+    from bench_lcm import pack
     from PIL import Image
 
-    save = _pack_module("lcm_comfy.save")
+    save = pack("lcm_comfy.save")
     pixels, what = natural_pixels()
     image = torch.from_numpy(pixels)
     out = {"pixels": what, "cpu_cores": os.cpu_count(), "encoder_threads": save.ENCODER.workers}
@@ -530,17 +531,6 @@ def png_costs(reps: int = 5) -> dict:
         out[f"lcm_parallel_level{level}"] = {"ms": ms, "mb": round(len(data) / 1e6, 3)}
     log.info("PNG cost: %s", out)
     return out
-
-
-def _pack_module(name: str):
-    """Import a module of this pack as ``lcm_nodes.<name>`` (through a link in a temporary folder)."""
-    import importlib
-
-    if "lcm_nodes" not in sys.modules:
-        link_dir = Path(tempfile.mkdtemp())
-        (link_dir / "lcm_nodes").symlink_to(REPO, target_is_directory=True)
-        sys.path.append(str(link_dir))
-    return importlib.import_module(f"lcm_nodes.{name}")
 
 
 # ============================================================================================ chart
@@ -591,7 +581,7 @@ def write_chart(server_json: Path, inproc_json: Path, out_png: Path) -> None:
 # ============================================================================================ main
 
 
-def variants_for(fam: str, names: dict, size: int, compile_supported: bool, tiny: bool) -> list[tuple[str, object]]:
+def variants_for(fam: str, names: dict, size: int, tiny: bool) -> list[tuple[str, object]]:
     files = names[fam]
 
     def mk(ours: bool, end: str, **kw):
@@ -610,17 +600,11 @@ def variants_for(fam: str, names: dict, size: int, compile_supported: bool, tiny
     ]
     if tiny:  # ComfyUI's own UNETLoader does not recognise the tiny UNets' shapes: ours only
         out = [v for v in out if not v[0].startswith("native")]
-    if compile_supported:
-        out += [
-            ("lcm compile latents", mk(True, "latents", compile_unet=True)),
-            ("lcm compile save (LCM VAE Decode + LCM Save Image)", mk(True, "save", fast_vae=True, fast_save=True, compile_unet=True)),
-        ]
+    out += [
+        ("lcm compile latents", mk(True, "latents", compile_unet=True)),
+        ("lcm compile save (LCM VAE Decode + LCM Save Image)", mk(True, "save", fast_vae=True, fast_save=True, compile_unet=True)),
+    ]
     return out
-
-
-def sampler_has_compile_input() -> bool:
-    text = (REPO / "nodes" / "sampling.py").read_text()
-    return '"compile"' in text
 
 
 def main(argv=None) -> int:
@@ -678,7 +662,6 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001 - report and go on
         results["png"] = {"error": f"{type(exc).__name__}: {exc}"}
     dump()
-    compile_supported = sampler_has_compile_input()
     probe_file = out / "probe.jsonl"
     cache_env = {"TORCHINDUCTOR_CACHE_DIR": args.compile_cache or str(base / "user" / "lcm_nodes" / "torch_compile")}
     only = [s for s in args.only.split(",") if s]
@@ -686,7 +669,7 @@ def main(argv=None) -> int:
     for fam in families:
         size = 64 if args.tiny else (1024 if fam == "sdxl" else 512)
         fam_res = results["families"].setdefault(fam, {"size": size, "variants": []})
-        variants = [(n, m) for n, m in variants_for(fam, names, size, compile_supported, args.tiny) if (not only or any(s in n for s in only)) and not any(s in n for s in skip)]
+        variants = [(n, m) for n, m in variants_for(fam, names, size, args.tiny) if (not only or any(s in n for s in only)) and not any(s in n for s in skip)]
         with Server(Path(args.comfyui), base, probe_file, out / f"server-{fam}.log", cpu, args.port, cache_env,
                     args.server_args.split()) as server:
             fam_res["server_start_s"] = round(server.ready_s, 1)

@@ -9,12 +9,11 @@ numbers are in the README). The exact path stays the default and is untouched: w
 runs. Under ComfyUI's default cudaMallocAsync allocator it stays off (see :func:`_blocker`).
 
 How it hooks in. A sampling config's ``compile`` field (``SamplingConfig``, ``TCDConfig``) asks for it; the
-sampler sets the request around ComfyUI's sampling call with :func:`requested` (a context variable: it travels
-with the executor thread's call, never leaks into another run). The fast path's graph
-wrapper (``lcm_comfy/fastpath.py``, two marked lines) asks :func:`fingerprint` for the key of its graph cache, so
-compiled and exact graphs never replay for each other, and :func:`forward_for_capture` for the forward to
-capture: the exact one, or the compiled UNet, compiled right there (outside any capture) the first time a size
-is seen. Compiling needs the UNet to be the innermost DIFFUSION_MODEL wrapper's target; any other wrapper inside
+sampler puts it on the run's record, which the fast path's graph wrapper (``lcm_comfy/fastpath.py``) reads. At
+the run's first forward the wrapper asks :func:`decide` once whether the compiled UNet runs, and
+:func:`fingerprint` for the key of its graph cache, so compiled and exact graphs never replay for each other;
+when it runs, :func:`compiled_forward` gives the forward to capture: the compiled UNet, compiled right there
+(outside any capture) the first time a size is seen. Compiling needs the UNet to be the innermost DIFFUSION_MODEL wrapper's target; any other wrapper inside
 ours, a failed compile, or no Triton: the exact forward, with a log line saying why.
 
 Compile artefacts (inductor's FX graph cache and Triton kernels) live in :func:`compile_cache_dir`, so a
@@ -27,8 +26,6 @@ argument). Only the thread running a sampling run (which holds the model's run l
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
 import threading
@@ -37,9 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..lcm_core.graphs import signature
+
 log = logging.getLogger("lcm_nodes")
 
-_REQUESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("lcm_nodes_compile_requested", default=False)
 _LOCK = threading.Lock()
 _RECORD_ATTR = "_lcm_nodes_compile_record"
 #: Rough cold-compile times on an H200 (bench/RESULTS.md), for the progress message.
@@ -94,23 +92,6 @@ def progress_text(text: str, node_id: str | None = None) -> None:
         PromptServer.instance.send_progress_text(text, node_id)
     except Exception:  # noqa: BLE001 - no server (a library call, the test executor): the log line is enough
         pass
-
-
-# ------------------------------------------------------------------------------------------ the request
-
-
-@contextlib.contextmanager
-def requested(on: bool):
-    """Within this block, sampling runs on this thread use the compiled UNet where the fast path runs."""
-    token = _REQUESTED.set(bool(on))
-    try:
-        yield
-    finally:
-        _REQUESTED.reset(token)
-
-
-def is_requested() -> bool:
-    return _REQUESTED.get()
 
 
 # ------------------------------------------------------------------------------------------ the compiled UNet
@@ -180,42 +161,42 @@ def _blocker(executor) -> str | None:
     return compile_unavailable()
 
 
-def fingerprint(weights_fingerprint: int, executor) -> int:
+def decide(executor) -> bool:
+    """Whether this run, which asked for compile mode, runs the compiled UNet (called once per run, at its first
+    forward); when it cannot, says why in the log, once per reason and UNet."""
+    why = _blocker(executor)
+    if why is None:
+        return True
+    unet = getattr(executor, "class_obj", None)
+    record = record_of(unet) if isinstance(unet, torch.nn.Module) else CompileRecord()
+    if why not in record.why_not_logged:
+        record.why_not_logged.add(why)
+        log.info("LCM Nodes: compile mode off for this model: %s; the exact kernels run.", why)
+    return False
+
+
+def fingerprint(weights_fingerprint: int, compiled: bool) -> int:
     """The graph-cache key of this run: the weights' fingerprint, tagged when the compiled UNet will be captured.
 
     Compiled and exact graphs must never replay for each other (the exact path stays bit-identical); a run in
     the other mode changes the key, which drops the cached graphs and captures again.
     """
-    if not is_requested() or _blocker(executor) is not None:
-        return weights_fingerprint
-    return hash((weights_fingerprint, "lcm_nodes torch.compile"))
-
-
-def _signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
-    return tuple((k, None) if v is None else (k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(tensors.items()))
+    return hash((weights_fingerprint, "lcm_nodes torch.compile")) if compiled else weights_fingerprint
 
 
 def _family(unet) -> str:
     return "SDXL" if getattr(unet, "num_classes", None) == "sequential" else "SD15"  # SDXL's adm (pooled text + sizes)
 
 
-def forward_for_capture(exact_forward, executor, transformer_options: dict, tensors: dict[str, torch.Tensor | None]):
-    """The forward the graph cache should call for these inputs: ``exact_forward``, or the compiled UNet.
+def compiled_forward(exact_forward, executor, transformer_options: dict, tensors: dict[str, torch.Tensor | None]):
+    """The forward the graph cache should capture for these inputs in a run :func:`decide` let compile: the compiled
+    UNet, or ``exact_forward`` if compiling it fails.
 
-    Called by the graph wrapper at every step, never inside a capture. The first time a signature is seen in
-    compile mode it compiles (two calls of the compiled function on the real inputs, so that compiling,
+    Called by the graph wrapper only when the cache is about to capture (never inside a capture). The first time
+    a signature is seen it compiles (two calls of the compiled function on the real inputs, so that compiling,
     autotuning, kernel loading and any recompile all happen before the capture) and says so in the progress text.
     """
-    if not is_requested():
-        return exact_forward
-    why = _blocker(executor)
-    unet = getattr(executor, "class_obj", None)
-    if why is not None:
-        record = record_of(unet) if isinstance(unet, torch.nn.Module) else CompileRecord()
-        if why not in record.why_not_logged:
-            record.why_not_logged.add(why)
-            log.info("LCM Nodes: compile mode off for this model: %s; the exact kernels run.", why)
-        return exact_forward
+    unet = executor.class_obj
     compiled = _compiled()
     # The UNet writes into transformer_options (original_shape, block, transformer_index...). Each call gets a fresh
     # copy of the dict as it is now, so every call (the compile, the check below, the capture) meets the same guards:
@@ -223,11 +204,11 @@ def forward_for_capture(exact_forward, executor, transformer_options: dict, tens
     # capture forbids (seen on an H200: SDXL's capture failed with cudaErrorStreamCaptureUnsupported).
     options = dict(transformer_options)
 
-    def compiled_forward(x, timesteps, context, y):
+    def run_compiled(x, timesteps, context, y):
         return compiled(unet, x, timesteps, context, y, dict(options))
 
     record = record_of(unet)
-    key = _signature(tensors)
+    key = signature(tensors)
     if key not in record.seconds:
         cache = compile_cache_dir()
         x = tensors["x"]
@@ -239,15 +220,15 @@ def forward_for_capture(exact_forward, executor, transformer_options: dict, tens
         try:
             with torch.no_grad():
                 for _ in range(2):  # the first call compiles and autotunes; the second must meet no new guard
-                    compiled_forward(tensors["x"], tensors["timesteps"], tensors["context"], tensors["y"])
+                    run_compiled(tensors["x"], tensors["timesteps"], tensors["context"], tensors["y"])
             torch.cuda.synchronize()
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - dynamo/inductor/Triton raise many types: any means "run exact"
             record.failed = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-            log.warning("LCM Sampler: torch.compile of the UNet failed (%s); this model runs the exact kernels from now on.",
+            log.warning("LCM Nodes: torch.compile of the UNet failed (%s); this model runs the exact kernels from now on.",
                         record.failed)
             return exact_forward
         record.seconds[key] = time.perf_counter() - start
         progress_text(f"LCM Nodes: UNet compiled in {record.seconds[key]:.1f} s.")
-    return compiled_forward
+    return run_compiled

@@ -141,6 +141,8 @@ class RunRecord:
     fast_path_off: str | None = None
     first_forward_at: float | None = None
     fingerprint: int | None = None
+    compile: bool = False  # asked for (issue #12 compile mode); whether it runs is decided at the first forward
+    compiled: bool = False
 
 
 def _make_fast_wrapper(patcher, clone: SamplingClone):
@@ -156,18 +158,27 @@ def _make_fast_wrapper(patcher, clone: SamplingClone):
                 record.fast_path_off = blocker
             record.eager_calls += 1
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        if record.fingerprint is None:
+        if record.fingerprint is None:  # the run's first forward: decide once what this run's graphs replay
             record.first_forward_at = time.perf_counter()
-            # issue #12 compile mode: compiled and exact graphs get different keys (unchanged when not asked for)
-            record.fingerprint = compile_mode.fingerprint(cache.watch(executor.class_obj), executor)
+            record.compiled = record.compile and compile_mode.decide(executor)
+            # compiled and exact graphs get different keys (unchanged when compile mode is not running)
+            record.fingerprint = compile_mode.fingerprint(cache.watch(executor.class_obj), record.compiled)
 
         def forward(x, timesteps, context, y):
             return executor(x, timesteps, context, y, control, transformer_options)
 
         record.graph_calls += 1
         tensors = {"x": x, "timesteps": timesteps, "context": context, "y": y}
-        forward = compile_mode.forward_for_capture(forward, executor, transformer_options, tensors)  # issue #12: `forward` unless asked
-        return cache.run(forward, record.fingerprint, tensors)
+        if not record.compiled:
+            return cache.run(forward, record.fingerprint, tensors)
+        chosen = []
+
+        def capture_forward(**inputs):  # called by the cache only when it captures: compile (once per size) then
+            if not chosen:
+                chosen.append(compile_mode.compiled_forward(forward, executor, transformer_options, tensors))
+            return chosen[0](**inputs)
+
+        return cache.run(capture_forward, record.fingerprint, tensors)
 
     return wrapper
 
@@ -180,7 +191,6 @@ class SamplingClone:
     """A patched clone of an input MODEL that runs are made on, with its run lock and the current run's record."""
 
     model: object
-    fast: bool
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     record: RunRecord = field(default_factory=RunRecord)
 
@@ -229,7 +239,7 @@ def _new_clone(model, model_sampling: Callable[[object], object], fast: bool) ->
     ms = model_sampling(m.model.model_config)
     ms.lcm_nodes_owned = True  # ours alone: the sampler may move its tables to the GPU
     m.add_object_patch("model_sampling", ms)
-    clone = SamplingClone(model=m, fast=fast)
+    clone = SamplingClone(model=m)
     if fast and comfy.model_management.get_torch_device().type == "cuda":
         m.remove_wrappers_with_key(DIFFUSION_MODEL, FAST_WRAPPER_KEY)
         m.add_wrapper_with_key(DIFFUSION_MODEL, FAST_WRAPPER_KEY, _make_fast_wrapper(m, clone))  # after (inside) guidance

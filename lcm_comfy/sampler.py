@@ -29,7 +29,6 @@ import torch
 from ..lcm_core.config import SamplingConfig, SamplingStats
 from ..lcm_core.noise import SeededNoise
 from ..lcm_core.step import renoise
-from . import compile as compile_mode
 from .checks import check_conditioning, check_latent, zero_conditioning
 from .fastpath import finish_run as _finish_fast_path
 from .fastpath import sampling_clone
@@ -74,7 +73,7 @@ def run_sampler(model, positive: list, negative: list | None, latent: dict, conf
 
     clone = sampling_clone(model, clone_key, model_sampling, config.fast)
     with clone.lock:
-        clone.record = type(clone.record)()
+        clone.record = type(clone.record)(compile=config.compile)  # the wrapper reads the run's request here
         m = clone.model
         if guided:
             m.model_options.setdefault("transformer_options", {})[GUIDANCE_OPTION] = config.guidance_scale
@@ -83,12 +82,11 @@ def run_sampler(model, positive: list, negative: list | None, latent: dict, conf
         initial = noise.draw().float()
         ms = m.object_patches["model_sampling"]
         sampler = comfy.samplers.KSAMPLER(loop, extra_options=loop_options(noise, ms))
-        with compile_mode.requested(config.compile):  # read by the fast path's wrapper, deep in ComfyUI's call
-            out_samples = comfy.sample.sample_custom(
-                m, initial, cfg, sampler, sigmas_for(ms, config.planned), positive, negative, latent_image,
-                noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(m, len(config.planned)),
-                disable_pbar=not config.progress, seed=config.seed,
-            )
+        out_samples = comfy.sample.sample_custom(
+            m, initial, cfg, sampler, sigmas_for(ms, config.planned), positive, negative, latent_image,
+            noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(m, len(config.planned)),
+            disable_pbar=not config.progress, seed=config.seed,
+        )
         stats = run_stats(clone, config.planned, started)
         stats.released_after_run = _finish_fast_path(clone, config.keep_graphs)
     out = latent.copy()

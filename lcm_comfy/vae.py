@@ -33,11 +33,9 @@ import time
 import torch
 
 from ..lcm_core.errors import LCMInputError
-from .compile import compile_cache_dir, compile_unavailable, lazily_compiled, progress_text
+from .compile import compile_cache_dir, compile_unavailable, lazily_compiled, progress_text, record_of
 
 log = logging.getLogger("lcm_nodes")
-
-_STATE_ATTR = "_lcm_nodes_vae_compile"
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -49,22 +47,6 @@ def _decoder_call(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 _compiled = lazily_compiled(_decoder_call)
-
-
-class _CompileState:
-    """Per-VAE record (kept on its ``first_stage_model``): signatures compiled so far, or why compiling failed."""
-
-    def __init__(self) -> None:
-        self.seen: set[tuple] = set()
-        self.failed: str | None = None
-        self.compile_seconds: dict[tuple, float] = {}
-
-
-def _state_of(model: torch.nn.Module) -> _CompileState:
-    state = model.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = model.__dict__[_STATE_ATTR] = _CompileState()
-    return state
 
 
 def comfy_decode(vae, latent: torch.Tensor) -> torch.Tensor:
@@ -87,7 +69,7 @@ def fast_decode_blocker(vae, latent: torch.Tensor, compile: bool) -> str | None:
     model = getattr(vae, "first_stage_model", None)
     if model is None or not callable(getattr(model, "decode", None)):
         return "the VAE has no decoder"
-    failed = _state_of(model).failed
+    failed = record_of(model).failed
     if failed:
         return f"compiling this VAE failed earlier ({failed})"
     return compile_unavailable()
@@ -158,9 +140,9 @@ def _log_once(why: str) -> None:
 
 
 def _decode_compiled(vae, model, latent: torch.Tensor, node_id: str | None, stats: dict) -> torch.Tensor:
-    state = _state_of(model)
+    state = record_of(model)  # the compile module's per-module record: sizes compiled (with seconds), failure
     key = (tuple(latent.shape), vae.vae_dtype, str(vae.device))
-    if key in state.seen:
+    if key in state.seconds:
         stats.update(path="compiled", why=None)
         return decode_direct(vae, latent)
     cache = compile_cache_dir()
@@ -181,8 +163,7 @@ def _decode_compiled(vae, model, latent: torch.Tensor, node_id: str | None, stat
         return comfy_decode(vae, latent)
     torch.cuda.synchronize(vae.device)
     seconds = time.perf_counter() - start
-    state.seen.add(key)
-    state.compile_seconds[key] = seconds
+    state.seconds[key] = seconds
     progress_text(f"LCM VAE Decode: decoder compiled in {seconds:.1f} s.", node_id)
     stats.update(path="compiled", why=None, compile_seconds=seconds)
     return images

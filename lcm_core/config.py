@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .errors import LCMInputError
 from .graphs import keep_graphs_mode
 from .noise import check_seed
-from .schedule import STRENGTH_MODES, plan_timesteps
+from .schedule import plan_timesteps
 
 MAX_GUIDANCE = 100.0
 
@@ -86,8 +86,6 @@ class SamplingConfig(RunOptions):
         s = self.timestep_scaling
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
             raise LCMInputError(f"timestep_scaling={s!r} must be a positive number (10 for every public LCM).")
-        if self.strength_mode not in STRENGTH_MODES:
-            raise LCMInputError(f"strength_mode={self.strength_mode!r} is not one of {list(STRENGTH_MODES)}: pick one of those.")
         custom = tuple(int(t) for t in self.timesteps) if self.timesteps else None
         object.__setattr__(self, "timesteps", custom)
         object.__setattr__(self, "guidance_scale", g)

@@ -72,7 +72,7 @@ class WeightsWatch:
         return hash(tuple(items))
 
 
-def _signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
+def signature(tensors: dict[str, torch.Tensor | None]) -> tuple:
     return tuple(
         (k, None) if v is None else (k, tuple(v.shape), v.dtype, str(v.device)) for k, v in sorted(tensors.items())
     )
@@ -166,7 +166,7 @@ class GraphCache:
         if fingerprint != self.fingerprint:
             self.clear()
             self.fingerprint = fingerprint
-        key = _signature(tensors)
+        key = signature(tensors)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._capture(fn, tensors, 0 if key in self.warmed else self.warmup)

@@ -60,9 +60,6 @@ class ComfyClient:
         except (ConnectionError, TimeoutError) as exc:
             raise ComfyUnreachable(f"cannot reach ComfyUI at {self.server}: {exc}") from None
 
-    # kept for callers written against the first runner
-    _request = request
-
     def alive(self) -> bool:
         try:
             self.request("/system_stats", timeout=5.0)

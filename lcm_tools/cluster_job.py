@@ -7,7 +7,6 @@ reads :data:`JOURNAL` with :func:`read_journal` and skips what is done. No Dask 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ from typing import Any
 
 from .client import RunnerError
 from .cluster_spec import ClusterError
-from .workflows import SAMPLERS, Overrides, apply_overrides
+from .workflows import SAMPLERS, Overrides, apply_overrides, item_key
 
 log = logging.getLogger("lcm_nodes.cluster")
 
@@ -96,10 +95,6 @@ def prompt_seed(api: dict) -> int | None:
 def prompt_stem(line: int, item_id: str | None, seed: int | None) -> str:
     """The name a prompt's outputs start with: ``<id or line000012>[_s<seed>]``."""
     return (item_id or f"line{line:06d}") + ("" if seed is None else f"_s{seed}")
-
-
-def api_hash(api: dict) -> str:
-    return hashlib.sha256(json.dumps(api, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ job and summary
@@ -231,7 +226,7 @@ def prepare(pl: PromptLine, job: Job, done: dict[str, dict], output: Path, seen:
         return Prepared(pl.line, stem, item_id, seed, error=f"its output name {stem!r} is taken by line {seen[stem]}; give each "
                                                              f"prompt its own id (or seed)")
     seen[stem] = pl.line
-    h = api_hash(api)
+    h = item_key(api)
     entry = done.get(stem)
     if entry is not None:
         if entry.get("hash") != h:

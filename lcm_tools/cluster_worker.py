@@ -51,6 +51,7 @@ from distributed import WorkerPlugin, get_worker
 
 from .client import ComfyClient, ComfyUnreachable, RunnerError
 from .cluster_spec import PromptResult, PromptTask, ServerLost, ServerSpec, ServerStartError
+from .cluster_watchdog import running as process_running
 
 log = logging.getLogger("lcm_nodes.cluster")
 
@@ -153,10 +154,7 @@ class WorkerServer:
             return False
         if r.local is not None and r.local.proc is not None and r.local.proc.poll() is not None:
             return False
-        try:
-            return abs(_proc_created(r.pid) - r.created) < 0.01 and psutil.Process(r.pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return process_running(r.pid, r.created)
 
     def alive(self) -> bool:
         """Whether the server process runs and answers HTTP (tells a bad prompt from a lost server)."""
@@ -195,10 +193,9 @@ class WorkerServer:
         pidfile = self.slot / "watchdog.json"
         try:
             rec = json.loads(pidfile.read_text())
-            proc = psutil.Process(int(rec["pid"]))
-            if abs(proc.create_time() - float(rec["created"])) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+            if process_running(int(rec["pid"]), float(rec["created"])):
                 return
-        except (OSError, ValueError, KeyError, psutil.Error):
+        except (OSError, ValueError, KeyError):
             pass
         watchdog = subprocess.Popen([sys.executable, "-m", "lcm_tools.cluster_watchdog", str(self.keeper_pid),
                                      repr(_proc_created(self.keeper_pid)), str(self.slot)],
@@ -219,18 +216,17 @@ class WorkerServer:
         except (OSError, ValueError):
             return None
         pid, created = int(rec["pid"]), float(rec["created"])
-        try:
-            proc = psutil.Process(pid)
-            same = abs(proc.create_time() - created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            same = False
+        same = process_running(pid, created)
         client = ComfyClient(rec["url"])
         if not same:
             self.record.unlink(missing_ok=True)
             return None
         if rec.get("plugin") != self.spec.plugin_name or not client.alive():
             log.warning("worker %s: stopping a stale ComfyUI (pid %s) left in this slot", self.worker_name, pid)
-            _terminate(proc)
+            try:
+                _terminate(psutil.Process(pid))
+            except psutil.Error:
+                pass
             self.record.unlink(missing_ok=True)
             return None
         self._ensure_watchdog()  # normally the predecessor's still runs: it watches the nanny, not the worker

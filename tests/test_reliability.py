@@ -128,7 +128,7 @@ def test_memory_flat_over_50_prompts_alternating_models_and_free(server, comfy_b
     # Issue #6's target. A deliberate leak of 2 MiB per prompt (a tensor kept per LCM sample) read 6.1% here and failed;
     # the dead loaded-model entries fixed earlier are caught exactly by the next test.
     assert growth < 0.05
-    client._request("/free", {"unload_models": True, "free_memory": True})
+    client.request("/free", {"unload_models": True, "free_memory": True})
     time.sleep(2)
     h = client.wait(client.queue(latent_prompt(3000, prefix="afterfree")))
     assert h["status"]["status_str"] == "success"

@@ -92,12 +92,12 @@ def test_vae_decode_falls_back_to_comfyui_exactly(pack, gpu_vae, monkeypatch):
         stats = {}
         assert torch.equal(vae_mod.decode(gpu_vae, latent, stats=stats), ref)
         assert "out of GPU memory" in stats["why"]
-        assert vae_mod._state_of(gpu_vae.first_stage_model).failed is None  # OOM is not a compile failure
+        assert vae_mod.record_of(gpu_vae.first_stage_model).failed is None  # OOM is not a compile failure
 
     def broken(model, z):
         raise RuntimeError("inductor says no (test)")
 
-    state = vae_mod._state_of(gpu_vae.first_stage_model)
+    state = vae_mod.record_of(gpu_vae.first_stage_model)
     try:
         with monkeypatch.context() as m:
             m.setattr(vae_mod, "_compiled", lambda: broken)
@@ -114,7 +114,7 @@ def test_vae_decode_falls_back_to_comfyui_exactly(pack, gpu_vae, monkeypatch):
 # --------------------------------------------------------------------------------------- the sampler's compile mode
 
 SD15_SCALE = 0.18215
-RELATIVE_TOLERANCE = 5e-2
+RELATIVE_TOLERANCE = 5e-3  # fp16; measured at most 1.7e-3 (exact or compiled vs diffusers) on two H200 runs
 
 
 @pytest.fixture(scope="module")

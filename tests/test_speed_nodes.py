@@ -197,7 +197,7 @@ def _Executor(unet, is_last=True):
 
 
 def test_compile_mode_keys_graphs_apart_and_falls_back_to_exact(pack, monkeypatch):
-    """Request scoping, the graph-cache key, compiling once per signature, and the exact forward on failure.
+    """The decision per run, the graph-cache key, compiling once per signature, and the exact forward on failure.
 
     The compiled function is replaced by a stand-in (inductor on CUDA is the GPU test's business): what is checked
     here is what the fast path's wrapper is told to do.
@@ -221,32 +221,28 @@ def test_compile_mode_keys_graphs_apart_and_falls_back_to_exact(pack, monkeypatc
         return x * 2
 
     tensors = {"x": torch.ones(1, 4, 8, 8), "timesteps": torch.ones(1), "context": torch.ones(1, 77, 8), "y": None}
-    assert cm.fingerprint(7, _Executor(unet)) == 7 and cm.forward_for_capture(exact, _Executor(unet), {}, tensors) is exact
-    with cm.requested(True):
-        assert cm.is_requested()
-        assert cm.fingerprint(7, _Executor(unet)) != 7
-        assert cm.fingerprint(7, _Executor(unet, is_last=False)) == 7  # a wrapper inside ours: exact, same key
-        assert cm.forward_for_capture(exact, _Executor(unet, is_last=False), {}, tensors) is exact
-        options = {"cond_or_uncond": [0]}
-        fwd = cm.forward_for_capture(exact, _Executor(unet), options, tensors)
-        # compiled now, outside any capture: a compile call and a check call
-        assert calls == [(1, 4, 8, 8)] * 2 and len(cm.record_of(unet).seconds) == 1
-        assert torch.equal(fwd(**tensors), tensors["x"] * 2 + 1)  # what the capture will run
-        # every call met the options as they were, never a copy the UNet had written into (a new guard in a capture)
-        assert keys_seen == [["cond_or_uncond"]] * 3 and options == {"cond_or_uncond": [0]}
-        cm.forward_for_capture(exact, _Executor(unet), options, tensors)
-        assert len(calls) == 3  # no second compile for the same signature
-    assert not cm.is_requested()
+    assert cm.fingerprint(7, False) == 7 and cm.fingerprint(7, True) != 7  # compiled and exact graphs never share a key
+    assert cm.decide(_Executor(unet)) is True
+    assert cm.decide(_Executor(unet, is_last=False)) is False  # a wrapper inside ours: the run stays exact
+    options = {"cond_or_uncond": [0]}
+    fwd = cm.compiled_forward(exact, _Executor(unet), options, tensors)
+    # compiled now, outside any capture: a compile call and a check call
+    assert calls == [(1, 4, 8, 8)] * 2 and len(cm.record_of(unet).seconds) == 1
+    assert torch.equal(fwd(**tensors), tensors["x"] * 2 + 1)  # what the capture will run
+    # every call met the options as they were, never a copy the UNet had written into (a new guard in a capture)
+    assert keys_seen == [["cond_or_uncond"]] * 3 and options == {"cond_or_uncond": [0]}
+    cm.compiled_forward(exact, _Executor(unet), options, tensors)
+    assert len(calls) == 3  # no second compile for the same signature
 
     def failing(*args):
         raise RuntimeError("inductor says no (test)")
 
     monkeypatch.setattr(cm, "_compiled", lambda: failing)
     other = _Unet()
-    with cm.requested(True):
-        assert cm.forward_for_capture(exact, _Executor(other), {}, tensors) is exact
-        assert "inductor says no" in cm.record_of(other).failed
-        assert cm.fingerprint(7, _Executor(other)) == 7  # after a failure this UNet runs (and is keyed) exact
+    assert cm.decide(_Executor(other)) is True
+    assert cm.compiled_forward(exact, _Executor(other), {}, tensors) is exact
+    assert "inductor says no" in cm.record_of(other).failed
+    assert cm.decide(_Executor(other)) is False  # after a failure this UNet runs (and is keyed) exact
 
 
 def test_compile_mode_on_cpu_gives_the_exact_latents(runner, comfy_base):
