@@ -192,7 +192,8 @@ def compiled_forward(exact_forward, executor, transformer_options: dict, tensors
     """The forward the graph cache should capture for these inputs in a run :func:`decide` let compile: the compiled
     UNet, or ``exact_forward`` if compiling it fails.
 
-    Called by the graph wrapper only when the cache is about to capture (never inside a capture). The first time
+    Called by the graph wrapper at every step of such a run, never inside a capture (a compile there would fail:
+    autotuning synchronises). The first time
     a signature is seen it compiles (two calls of the compiled function on the real inputs, so that compiling,
     autotuning, kernel loading and any recompile all happen before the capture) and says so in the progress text.
     """

@@ -169,16 +169,9 @@ def _make_fast_wrapper(patcher, clone: SamplingClone):
 
         record.graph_calls += 1
         tensors = {"x": x, "timesteps": timesteps, "context": context, "y": y}
-        if not record.compiled:
-            return cache.run(forward, record.fingerprint, tensors)
-        chosen = []
-
-        def capture_forward(**inputs):  # called by the cache only when it captures: compile (once per size) then
-            if not chosen:
-                chosen.append(compile_mode.compiled_forward(forward, executor, transformer_options, tensors))
-            return chosen[0](**inputs)
-
-        return cache.run(capture_forward, record.fingerprint, tensors)
+        if record.compiled:  # compiles (outside any capture) the first time this size is seen; then a lookup
+            forward = compile_mode.compiled_forward(forward, executor, transformer_options, tensors)
+        return cache.run(forward, record.fingerprint, tensors)
 
     return wrapper
 
