@@ -5,11 +5,16 @@ module takes ComfyUI objects and goes through ComfyUI's machinery (``ModelPatche
 ``comfy.sd``, ``comfy.lora``, ``comfy.sample.sample_custom``, ``latent_preview``); the maths comes from
 ``lcm_core``.
 
-- :mod:`.model_sampling`: LCM's model sampling (schedule + consistency boundary condition), the guidance
-  embedding wrapper, and ``setup_lcm`` (idempotent).
+- :mod:`.model_sampling`: the family's model sampling (diffusers' schedule, a deterministic sigma -> timestep
+  rule; LCM's adds the consistency boundary condition), the guidance embedding wrapper, ``setup_lcm`` (idempotent).
 - :mod:`.loading`: Load LCM UNet (files, diffusers or ldm layout, the guidance embedding).
 - :mod:`.lora_patch`: Apply LCM-LoRA (ComfyUI's key map, the fit check, patching).
 - :mod:`.checks`: input checks of MODEL / CONDITIONING / LATENT shared by the samplers.
+- :mod:`.run`: the one sampler path and loop skeleton both samplers run (``run_sampler``, ``consistency_loop``).
 - :mod:`.sampler`: the LCM sampler: ``sample(model, positive, negative, latent, config)``.
+- :mod:`.tcd`: the TCD sampler: ``sample_tcd(model, positive, negative, latent, config)``.
 - :mod:`.fastpath`: the CUDA-graph glue: per-MODEL sampling clones, the graph wrapper, keep/release policy.
+- :mod:`.compile`: the opt-in compile mode (``torch.compile`` inside the CUDA graph) and its refusals.
+- :mod:`.vae`: LCM VAE Decode (one-piece decode, the compiled decoder where it is safe).
+- :mod:`.save`: LCM Save Image (atomic PNG writes with the workflow embedded).
 """

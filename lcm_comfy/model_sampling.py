@@ -1,7 +1,8 @@
-"""LCM's model sampling on ComfyUI, the guidance embedding wrapper, and setting a MODEL up for LCM.
+"""The family's model sampling on ComfyUI, the guidance embedding wrapper, and setting a MODEL up for LCM.
 
-:class:`LCMModelSampling` is ComfyUI's discrete epsilon schedule with diffusers' float32 ``alphas_cumprod`` and
-LCM's consistency boundary condition: its ``calculate_denoised`` is :func:`lcm_core.step.consistency_denoise`.
+:class:`DiffusersModelSampling` is ComfyUI's discrete epsilon schedule with diffusers' float32 ``alphas_cumprod``
+and a deterministic sigma -> timestep rule (TCD samples with it as it is); :class:`LCMModelSampling` adds LCM's
+consistency boundary condition: its ``calculate_denoised`` is :func:`lcm_core.step.consistency_denoise`.
 :func:`setup_lcm` is idempotent: whatever chain of our nodes a MODEL passes through, it carries one
 LCMModelSampling and at most one guidance wrapper (key :data:`GUIDANCE_WRAPPER_KEY`), and that wrapper is the
 outermost of our DIFFUSION_MODEL wrappers (the fast path's graph wrapper, added per run, sits inside it).
@@ -15,7 +16,7 @@ import torch
 
 from ..lcm_core.errors import LCMInputError, LCMModelError
 from ..lcm_core.guidance import guidance_embedding, guidance_w
-from ..lcm_core.schedule import NoiseSchedule
+from ..lcm_core.schedule import NoiseSchedule, nearest_timestep_index
 from ..lcm_core.step import consistency_denoise
 
 GUIDANCE_OPTION = "lcm_nodes_guidance_scale"
@@ -41,34 +42,52 @@ def noise_schedule_of(model_config) -> NoiseSchedule:
     )
 
 
-class LCMModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
-    """ComfyUI model sampling for LCM: diffusers' float32 schedule and the exact consistency boundary condition.
+class DiffusersModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+    """ComfyUI's discrete epsilon model sampling on diffusers' float32 schedule, the family's shared base.
 
-    ComfyUI's sampler state is ``x = x_t / sqrt(a_t)`` (variance exploding, ``sigma^2 = (1 - a_t) / a_t``);
-    ``calculate_denoised`` converts back to diffusers' ``x_t`` and applies :func:`consistency_denoise`. With
-    ``original_inference_steps`` set, only the distillation timesteps are kept (as ComfyUI's own
-    ``ModelSamplingDiscreteDistilled``), so that KSampler with sampler ``lcm`` picks LCM timesteps.
+    Only the table differs from ComfyUI's: float32 ``alphas_cumprod`` computed as diffusers does
+    (:attr:`alphas_cumprod`, for the steps), so timesteps and sigmas agree with diffusers' schedulers exactly.
+    With ``skip`` > 1 only every ``skip``-th entry is kept (``skip - 1, 2 skip - 1, ...``: LCM's distillation
+    timesteps, as ComfyUI's own ``ModelSamplingDiscreteDistilled``). :meth:`timestep` picks the nearest entry
+    by :func:`lcm_core.schedule.nearest_timestep_index`, whose fixed tie rule makes ComfyUI's own schedulers
+    land on the same timestep on every device. ``calculate_denoised`` is ComfyUI's epsilon one
+    (``x0 = x - sigma eps`` on ``x = x_t / sqrt(a_t)``).
     """
 
-    def __init__(self, model_config=None, timestep_scaling: float = 10.0, original_inference_steps: int | None = None):
+    def __init__(self, model_config=None, skip: int = 1):
         super().__init__(model_config)
-        schedule = noise_schedule_of(model_config)
-        acp = schedule.alphas_cumprod()
-        self.timestep_scaling = float(timestep_scaling)
-        self.schedule = schedule
-        sigmas = ((1 - acp) / acp) ** 0.5
-        self.skip = 1
-        if original_inference_steps:
-            self.skip = schedule.num_train_timesteps // original_inference_steps
-            sigmas = sigmas[self.skip - 1 :: self.skip]
-        self.set_sigmas(sigmas)
+        self.schedule = noise_schedule_of(model_config)
+        self.alphas_cumprod = self.schedule.alphas_cumprod()
+        self.skip = int(skip)
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.set_sigmas(sigmas[self.skip - 1 :: self.skip])
+
+    def set_sigmas(self, sigmas):
+        super().set_sigmas(sigmas)
+        self.register_buffer("log_sigmas_f64", self.sigmas.double().log())
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        index = super().timestep(sigma)
+        index = nearest_timestep_index(self.log_sigmas_f64, sigma).to(sigma.device)
         return index * self.skip + (self.skip - 1)
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         return super().sigma((timestep.float() - (self.skip - 1)) / self.skip)
+
+
+class LCMModelSampling(DiffusersModelSampling):
+    """ComfyUI model sampling for LCM: diffusers' float32 schedule and the exact consistency boundary condition.
+
+    ComfyUI's sampler state is ``x = x_t / sqrt(a_t)`` (variance exploding, ``sigma^2 = (1 - a_t) / a_t``);
+    ``calculate_denoised`` converts back to diffusers' ``x_t`` and applies :func:`consistency_denoise`. With
+    ``original_inference_steps`` set, only the distillation timesteps are kept, so that KSampler with sampler
+    ``lcm`` picks LCM timesteps.
+    """
+
+    def __init__(self, model_config=None, timestep_scaling: float = 10.0, original_inference_steps: int | None = None):
+        schedule = noise_schedule_of(model_config)
+        skip = schedule.num_train_timesteps // original_inference_steps if original_inference_steps else 1
+        super().__init__(model_config, skip)
+        self.timestep_scaling = float(timestep_scaling)
 
     def calculate_denoised(self, sigma, model_output, model_input):
         shape = sigma.shape[:1] + (1,) * (model_output.ndim - 1)

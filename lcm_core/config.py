@@ -2,8 +2,9 @@
 
 :class:`SamplingConfig` is frozen: a node builds it from its inputs, construction checks every value (raising
 :class:`~lcm_core.errors.LCMInputError` with the value, the allowed range and the fix) and fixes the timesteps
-the run visits, and the sampler reads it without changing it. :class:`SamplingStats` is what a run reports back
-(the sampler returns it; no out-parameters). Pure Python; no torch needed here.
+the run visits, and the sampler reads it without changing it. :class:`ConsistencyRun` holds what every member of
+the family shares; :class:`SamplingConfig` (LCM) and :class:`TCDConfig` add their own. :class:`SamplingStats` is
+what a run reports back (the sampler returns it; no out-parameters).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from .errors import LCMInputError
 from .graphs import keep_graphs_mode
 from .noise import check_seed
-from .schedule import plan_timesteps
+from .schedule import check_strength, plan_timesteps
+from .step import DEFAULT_GAMMA, check_gamma
 
 MAX_GUIDANCE = 100.0
 
@@ -28,15 +30,15 @@ def check_guidance(value: object, hint: str) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    """How a sampling run runs on ComfyUI, shared by :class:`SamplingConfig` and :class:`lcm_core.tcd.TCDConfig`
-    (keyword-only: they follow each config's own fields).
+    """How a sampling run runs on ComfyUI, shared by every run config (keyword-only: they follow each
+    config's own fields).
 
     Attributes:
         fast: allow the GPU fast path (CUDA-graph replay) where it is safe.
         keep_graphs: what happens to the fast path's graphs after the run (:data:`~lcm_core.graphs.KEEP_GRAPHS_MODES`;
             ``True``/``False`` are read as "always"/"never").
         progress: show ComfyUI's progress bar.
-        compile: the opt-in faster-kernel mode (issue #12): on the fast path, the UNet compiled with
+        compile: the opt-in faster-kernel mode: on the fast path, the UNet compiled with
             ``torch.compile`` inside the CUDA graph; results differ from the exact path by rounding.
     """
 
@@ -50,22 +52,20 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
-class SamplingConfig(RunOptions):
-    """Everything an LCM sampling run is asked to do, apart from the model and the tensors.
+class ConsistencyRun(RunOptions):
+    """The fields and checks every member of the family shares (LCM's :class:`SamplingConfig`, :class:`TCDConfig`).
 
     Attributes:
         seed: 0..2**64-1; with the same weights, the same latents as diffusers' pipeline called with
             ``generator=torch.Generator("cpu").manual_seed(seed)``.
-        steps: 1..50 LCM steps (ignored when ``timesteps`` is given).
+        steps: 1 .. ``original_inference_steps`` (ignored when ``timesteps`` is given).
         guidance_scale: 0..100. With a guidance-embedding UNet it feeds the embedding (w = guidance_scale - 1);
             otherwise ``> 1`` is classifier-free guidance with the negative prompt.
         original_inference_steps: length of the distillation schedule the steps are picked from (50).
         timesteps: custom descending timesteps, overriding ``steps``.
-        strength: (0, 1]; below 1 with ``from_image`` it is image-to-image with ``strength_mode``'s semantics.
-        strength_mode: ``"lcm"`` (LCM's img2img pipeline) or ``"truncate"`` (the SD/SDXL img2img pipelines).
-        from_image: start from ``latent_image`` noised to the first timestep (img2img) instead of pure noise.
-        timestep_scaling: the boundary condition's scaling (10 for every public LCM).
+        strength: (0, 1]; below 1 with :attr:`from_image` it is image-to-image, with :attr:`strength_mode`'s semantics.
         fast / keep_graphs / progress / compile: see :class:`RunOptions`.
+        planned: the timesteps the run visits (derived, :func:`~lcm_core.schedule.plan_timesteps`).
     """
 
     seed: int
@@ -74,24 +74,82 @@ class SamplingConfig(RunOptions):
     original_inference_steps: int = 50
     timesteps: tuple[int, ...] | None = None
     strength: float = 1.0
-    strength_mode: str = "lcm"
-    from_image: bool = False
-    timestep_scaling: float = 10.0
     planned: tuple[int, ...] = field(init=False, repr=False)
+
+    GUIDANCE_HINT = ""  # typical values, for the guidance error
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_seed(self.seed)
-        g = check_guidance(self.guidance_scale, "8 for LCM UNets, 1-2 or 0 for LCM-LoRA")
+        object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale, self.GUIDANCE_HINT))
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps) if self.timesteps else None)
+        planned = plan_timesteps(self.steps, self.original_inference_steps, self.timesteps, self.strength,
+                                 self.strength_mode, other_fix=self.strength_fix())
+        object.__setattr__(self, "strength", check_strength(self.strength))
+        object.__setattr__(self, "planned", tuple(planned))
+
+    @property
+    def strength_mode(self) -> str:
+        """How ``strength`` < 1 shortens the schedule (:data:`~lcm_core.schedule.STRENGTH_MODES`)."""
+        return "truncate"
+
+    def strength_fix(self) -> str:
+        """The member's own way out, beyond raising strength, when strength keeps no step."""
+        return ""
+
+
+@dataclass(frozen=True)
+class SamplingConfig(ConsistencyRun):
+    """Everything an LCM sampling run is asked to do, apart from the model and the tensors.
+
+    Attributes (beyond :class:`ConsistencyRun`'s):
+        strength_mode: ``"lcm"`` (LCM's img2img pipeline) or ``"truncate"`` (the SD/SDXL img2img pipelines).
+        from_image: start from ``latent_image`` noised to the first timestep (img2img) instead of pure noise.
+        timestep_scaling: the boundary condition's scaling (10 for every public LCM).
+    """
+
+    strength_mode: str = "lcm"
+    from_image: bool = False
+    timestep_scaling: float = 10.0
+
+    GUIDANCE_HINT = "8 for LCM UNets, 1-2 or 0 for LCM-LoRA"
+
+    def __post_init__(self) -> None:
         s = self.timestep_scaling
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
             raise LCMInputError(f"timestep_scaling={s!r} must be a positive number (10 for every public LCM).")
-        custom = tuple(int(t) for t in self.timesteps) if self.timesteps else None
-        object.__setattr__(self, "timesteps", custom)
-        object.__setattr__(self, "guidance_scale", g)
         object.__setattr__(self, "timestep_scaling", float(s))
-        planned = plan_timesteps(self.steps, self.original_inference_steps, custom, self.strength, self.strength_mode)
-        object.__setattr__(self, "planned", tuple(planned))
+        super().__post_init__()
+
+    def strength_fix(self) -> str:
+        return ", or use strength_mode 'lcm'" if self.strength_mode == "truncate" and not self.timesteps else ""
+
+
+@dataclass(frozen=True)
+class TCDConfig(ConsistencyRun):
+    """Everything a TCD sampling run is asked to do, apart from the model and the tensors; checked when made.
+
+    It drives a run the way diffusers' ``StableDiffusion(XL)Pipeline`` / ``StableDiffusion(XL)Img2ImgPipeline``
+    drive ``TCDScheduler(original_inference_steps=...)`` when called with ``eta=gamma``: ``strength`` below 1 is
+    image-to-image as the SD/SDXL img2img pipelines (the full schedule built and its first steps dropped,
+    ``int(n * strength)`` steps run from the input latent noised to the first of them).
+
+    Attributes (beyond :class:`ConsistencyRun`'s):
+        gamma: stochasticity in [0, 1] (the pipelines' ``eta``); 0.3 at 4 steps, lower for more steps.
+    """
+
+    gamma: float = DEFAULT_GAMMA
+
+    GUIDANCE_HINT = "<= 1 is no guidance, as TCD-LoRAs are usually run; 1-2 is classifier-free guidance with the negative prompt"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gamma", check_gamma(self.gamma))
+        super().__post_init__()
+
+    @property
+    def from_image(self) -> bool:
+        """Image-to-image: start from ``latent_image`` noised to the first timestep, not from pure noise."""
+        return self.strength < 1.0
 
 
 @dataclass

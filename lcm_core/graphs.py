@@ -124,7 +124,6 @@ class GraphCache:
             (cuBLAS/cuDNN handles and workspaces on the capture stream, algorithm choice, lazy init) that must
             not happen inside a capture; it is not repeated when graphs released earlier (``keep_graphs`` "never",
             model unloaded, weights swapped) are captured again for the same signature.
-        replays: number of replays served.
         lock: held by :meth:`run` and :meth:`clear` (re-entrant, so a release from inside a run is safe).
     """
 
@@ -134,7 +133,6 @@ class GraphCache:
     capture_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # bounded: a server captures
     capture_warmups: deque[int] = field(default_factory=lambda: deque(maxlen=100))  # again after every idle prompt
     warmed: set[tuple] = field(default_factory=set)
-    replays: int = 0
     watch: WeightsWatch = field(default_factory=WeightsWatch)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -177,7 +175,6 @@ class GraphCache:
                 if value is not None:
                     entry.inputs[name].copy_(value)
             entry.graph.replay()
-            self.replays += 1
         return entry.output.clone()
 
     def _capture(self, fn: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor | None], warmup: int) -> _Captured:

@@ -1,9 +1,20 @@
-"""LCM noise schedule, timestep selection and run planning (which timesteps a run visits).
+"""The consistency-model family's schedules: one module for LCM and TCD (and any later member).
 
-These follow the Latent Consistency Model paper (Luo et al. 2023) and match
-``diffusers.LCMScheduler`` exactly (``tests/test_core_parity.py`` uses diffusers as the oracle). The pack keeps its own copy because the sampler needs
-plain integer lists it can hand to ComfyUI and to a captured GPU loop, and
-because every bad value must produce an :class:`~lcm_core.errors.LCMInputError`
+What it holds, each matching diffusers' ``LCMScheduler`` / ``TCDScheduler`` exactly (``tests/test_core_parity.py`` and
+``tests/test_tcd.py`` use diffusers as the oracle):
+
+- :class:`NoiseSchedule`: the DDPM training schedule (float32 ``alphas_cumprod``, computed as diffusers does);
+- :func:`origin_timesteps`: the ascending schedule a run picks from: the distillation schedule ``k-1, 2k-1, ...``,
+  or every training timestep (``every_train_timestep``, what ``TCDScheduler.set_timesteps`` uses when it is
+  called with ``original_inference_steps``);
+- :func:`pick_timesteps` (:func:`lcm_timesteps`): ``steps`` evenly spaced picks from it, descending;
+- :func:`check_custom_timesteps`: user-given timesteps, checked and cut by strength;
+- :func:`plan_timesteps`: the timesteps a run visits, for both img2img strength semantics;
+- :func:`nearest_timestep_index`: the table entry nearest a sigma, with one fixed rule at exact ties (so that
+  ComfyUI's own schedulers land on the same timestep on every device).
+
+The pack keeps its own copy because the samplers need plain integer lists they can hand to ComfyUI and to a
+captured GPU loop, and because every bad value must produce an :class:`~lcm_core.errors.LCMInputError`
 naming the fix instead of a bare ``ValueError`` from deep inside a scheduler.
 """
 
@@ -20,15 +31,21 @@ from .errors import LCMInputError
 
 log = logging.getLogger("lcm_nodes")
 
-MAX_STEPS = 50
+MAX_STEPS = 50  # the LCM Sampler node's step limit (LCM's distillation schedule has 50 entries)
 STRENGTH_MODES = ("lcm", "truncate")
+
+# An exact half-way tie between two table entries, seen through float rounding, is any sigma whose log lies
+# within this much of the mid-point (plus the input dtype's own precision): the float32 interpolation and exp()
+# ComfyUI computes a sigma with are good to a few 1e-7 in log-sigma, while the closest two entries of the
+# 1000-entry table lie 0.006 apart.
+TIE_LOG_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """The DDPM training schedule an LCM was distilled on.
+    """The DDPM training schedule a consistency model was distilled on.
 
-    Defaults are those of Stable Diffusion 1.x/2.x/XL and of ``LCMScheduler``:
+    Defaults are those of Stable Diffusion 1.x/2.x/XL and of ``LCMScheduler`` / ``TCDScheduler``:
     1000 training steps, ``scaled_linear`` betas from 0.00085 to 0.012.
     """
 
@@ -51,101 +68,135 @@ class NoiseSchedule:
         return torch.cumprod(1.0 - betas, dim=0)
 
 
-def _check_steps(steps: int, original_inference_steps: int, num_train_timesteps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise LCMInputError(f"steps={steps!r} is out of range: LCM takes 1 to {MAX_STEPS} steps (4 is typical).")
-    if (
-        not isinstance(original_inference_steps, int)
-        or isinstance(original_inference_steps, bool)
-        or not 1 <= original_inference_steps <= num_train_timesteps
-    ):
-        raise LCMInputError(
-            f"original_inference_steps={original_inference_steps!r} is out of range: it must be 1 to "
-            f"{num_train_timesteps} (the LCM distillation schedule; 50 for every public LCM)."
-        )
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_whole(name: str, value: object, low: int, high: int, hint: str) -> int:
+    """``value`` if it is a whole number in ``low..high`` (not a bool), else LCMInputError naming it, the range and ``hint``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise LCMInputError(f"{name}={value!r} is out of range: it must be a whole number from {low} to {high} ({hint}).")
+    return value
+
+
+def check_fraction(name: str, value: object, hint: str, *, zero_allowed: bool = False) -> float:
+    """``value`` as a float in (0, 1] (``[0, 1]`` with ``zero_allowed``), else LCMInputError naming it, the range and ``hint``."""
+    interval = "[0, 1]" if zero_allowed else "(0, 1]"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LCMInputError(f"{name}={value!r} is not a number: give a value in {interval} ({hint}).") from None
+    low_ok = number >= 0.0 if zero_allowed else number > 0.0
+    if not (low_ok and number <= 1.0):  # also rejects NaN
+        raise LCMInputError(f"{name}={value!r} is out of range: it must be in {interval} ({hint}).")
+    return number
 
 
 def check_strength(strength: float) -> float:
     """Return ``strength`` as a float if it lies in (0, 1], else raise LCMInputError."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise LCMInputError(f"strength={strength!r} is not a number: give a value in (0, 1], e.g. 0.5.") from None
-    if not (0.0 < value <= 1.0):  # also rejects NaN
+    return check_fraction("strength", strength, "1.0 ignores the input image, small values change it little; e.g. 0.5")
+
+
+def check_steps(steps: int, original_inference_steps: int, num_train_timesteps: int = 1000) -> None:
+    """diffusers' rule for both schedulers: ``1 <= steps <= original_inference_steps <= num_train_timesteps``."""
+    check_whole("original_inference_steps", original_inference_steps, 1, num_train_timesteps,
+                "the length of the distillation schedule; 50 for every public LCM and TCD model")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > original_inference_steps >= 1:
         raise LCMInputError(
-            f"strength={strength!r} is out of range: it must be in (0, 1] "
-            "(1.0 ignores the input image, small values change it little)."
+            f"steps={steps} exceeds original_inference_steps={original_inference_steps}: use at most "
+            f"{original_inference_steps} steps or raise original_inference_steps."
         )
-    return value
+    check_whole("steps", steps, 1, original_inference_steps, "4 is typical")
 
 
-def origin_timesteps(original_inference_steps: int, strength: float = 1.0, num_train_timesteps: int = 1000) -> list[int]:
-    """The LCM distillation schedule, ascending: ``k-1, 2k-1, ...`` with ``k = T // original_steps``.
+# ------------------------------------------------------------------------------------------- schedules
 
-    ``strength`` < 1 keeps only its first ``int(original_steps * strength)`` entries, as diffusers does.
+
+def origin_timesteps(
+    original_inference_steps: int = 50,
+    strength: float = 1.0,
+    num_train_timesteps: int = 1000,
+    every_train_timestep: bool = False,
+) -> list[int]:
+    """The ascending schedule a run picks its steps from, cut by ``strength`` as diffusers cuts it.
+
+    Normally the distillation schedule ``k-1, 2k-1, ...`` with ``k = T // original_inference_steps``, its first
+    ``int(original_inference_steps * strength)`` entries. With ``every_train_timestep`` it is every training
+    timestep ``0 .. int(T * strength) - 1``: what ``TCDScheduler.set_timesteps`` uses when it is *called with*
+    ``original_inference_steps`` (the pipelines never do; they leave it to the scheduler's config).
     """
+    if every_train_timestep:
+        return list(range(int(num_train_timesteps * strength)))
     k = num_train_timesteps // original_inference_steps
     return [i * k - 1 for i in range(1, int(original_inference_steps * strength) + 1)]
 
 
-def lcm_timesteps(
+def pick_timesteps(
     steps: int,
     original_inference_steps: int = 50,
     strength: float = 1.0,
     num_train_timesteps: int = 1000,
+    every_train_timestep: bool = False,
 ) -> list[int]:
-    """LCM inference timesteps, descending; equal to ``LCMScheduler.set_timesteps(steps, strength=...)``.
+    """Inference timesteps, descending: ``LCMScheduler`` / ``TCDScheduler(original_inference_steps=...)``'s
+    ``set_timesteps(steps, strength=...)``.
 
     Args:
-        steps: number of inference steps, 1..50.
-        original_inference_steps: length of the distillation schedule (default 50); ``steps`` may not exceed it.
-        strength: img2img strength in (0, 1]; below 1 the schedule is cut to its first
-            ``int(original_inference_steps * strength)`` entries before ``steps`` are picked from it
-            (LCM's own img2img semantics, ``LatentConsistencyModelImg2ImgPipeline``).
+        steps: number of steps, 1 .. ``original_inference_steps`` (4 is typical).
+        original_inference_steps: length of the distillation schedule (default 50).
+        strength: (0, 1]; below 1 the origin schedule is first cut to its first ``int(original_inference_steps *
+            strength)`` entries (LCM's own img2img semantics, ``LatentConsistencyModelImg2ImgPipeline``; the
+            SD/SDXL img2img pipelines instead drop the first steps of the full schedule: :func:`truncate_for_strength`).
         num_train_timesteps: training schedule length (1000 for Stable Diffusion).
+        every_train_timestep: pick from every training timestep (:func:`origin_timesteps`).
+
+    Examples: 4 steps give 999, 759, 499, 259; with ``every_train_timestep`` 999, 749, 499, 249.
     """
-    _check_steps(steps, original_inference_steps, num_train_timesteps)
+    check_steps(steps, original_inference_steps, num_train_timesteps)
     strength = check_strength(strength)
-    if steps > original_inference_steps:
-        raise LCMInputError(
-            f"steps={steps} exceeds original_inference_steps={original_inference_steps}: "
-            f"use at most {original_inference_steps} steps or raise original_inference_steps."
-        )
-    origin = origin_timesteps(original_inference_steps, strength, num_train_timesteps)
+    origin = origin_timesteps(original_inference_steps, strength, num_train_timesteps, every_train_timestep)
     if len(origin) < steps:
-        lowest = steps / original_inference_steps
         raise LCMInputError(
-            f"strength={strength} leaves only {len(origin)} of the {original_inference_steps} distillation timesteps, "
-            f"fewer than steps={steps}: lower steps to {max(len(origin), 1) if origin else 1} or raise strength to at least {lowest:.3g}."
+            f"strength={strength} leaves {len(origin)} of the {original_inference_steps} distillation timesteps, "
+            f"fewer than steps={steps}: lower steps to {max(len(origin), 1)} or raise strength to at least "
+            f"{steps / original_inference_steps:.3g}."
         )
     origin = origin[::-1]
     # Evenly spaced indices into the descending schedule: i * (L / steps) in float64, floored, exactly as
-    # diffusers' np.linspace(0, L, steps, endpoint=False) + floor rounds them.
+    # diffusers' np.floor(np.linspace(0, L, steps, endpoint=False)) rounds them.
     spacing = len(origin) / steps
-    indices = [math.floor(i * spacing) for i in range(steps)]
-    return [origin[i] for i in indices]
+    return [origin[math.floor(i * spacing)] for i in range(steps)]
 
 
-def truncate_for_strength(timesteps: Sequence[int], strength: float) -> list[int]:
-    """Drop the first steps of a schedule by ``strength``, as diffusers' SD/SDXL img2img pipelines do.
+lcm_timesteps = pick_timesteps  # the name LCM's code and users know
 
-    Keeps the last ``int(len * strength)`` timesteps (``StableDiffusionXLImg2ImgPipeline.get_timesteps``).
+
+def truncate_for_strength(timesteps: Sequence[int], strength: float, other_fix: str = "") -> list[int]:
+    """The last ``int(len * strength)`` timesteps: how diffusers applies strength to a built schedule.
+
+    That is the SD/SDXL img2img pipelines' ``get_timesteps`` (``strength_mode`` 'truncate'), and every scheduler's
+    ``set_timesteps(timesteps=..., strength=...)`` for custom timesteps. Keeping none is an error naming the fix
+    (diffusers would go on with an empty schedule); ``other_fix`` adds the caller's own way out to its message.
     """
     strength = check_strength(strength)
     n = len(timesteps)
     keep = min(int(n * strength), n)
     if keep < 1:
         raise LCMInputError(
-            f"strength={strength} with {n} steps keeps int({n} x {strength}) = 0 steps in 'truncate' mode: "
-            f"raise strength to at least {1 / n:.3g}, raise steps, or use strength_mode 'lcm'."
+            f"strength={strength} keeps int({n} x {strength}) = 0 of the {n} timesteps: raise strength to at least "
+            f"{1 / n:.3g}, or give more steps or timesteps{other_fix}."
         )
     return list(timesteps[n - keep :])
+
+
+# ------------------------------------------------------------------------------------- custom timesteps
 
 
 def parse_timesteps(text: str) -> list[int] | None:
     """Parse a custom timestep string such as ``"999, 759, 499, 259"``; empty means none.
 
-    Raises LCMInputError naming the first entry that is not a whole number.
+    Only ASCII digits are accepted (Python's ``int`` would also read full-width or other scripts' digits, which a
+    saved workflow should never silently carry). Raises LCMInputError naming the first entry that is not a
+    whole number.
     """
     if text is None or not str(text).strip():
         return None
@@ -154,19 +205,19 @@ def parse_timesteps(text: str) -> list[int] | None:
         part = part.strip()
         if not part:
             continue
-        try:
-            values.append(int(part))
-        except ValueError:
+        digits = part[1:] if part[:1] in "+-" else part
+        if not (digits.isascii() and digits.isdigit()):
             raise LCMInputError(
-                f"timesteps entry {part!r} is not a whole number: write descending integers separated by commas, "
-                "e.g. '999, 759, 499, 259'."
-            ) from None
+                f"timesteps entry {part!r} is not a whole number written in ASCII digits 0-9: write descending integers "
+                "separated by commas, e.g. '999, 759, 499, 259'."
+            )
+        values.append(int(part))
     return values or None
 
 
 def check_timestep_order(ts: Sequence[int], num_train_timesteps: int, strength: float) -> None:
-    """Custom timesteps shared rules (LCM and TCD): strictly descending and inside 0..T-1, else LCMInputError;
-    a warning, as diffusers gives, when a full-strength schedule does not start at ``T - 1``."""
+    """Strictly descending and inside ``0..T-1``, else LCMInputError; a warning, as diffusers gives, when a
+    full-strength schedule does not start at ``T - 1``."""
     for prev, cur in zip(ts, ts[1:], strict=False):
         if cur >= prev:
             raise LCMInputError(
@@ -185,32 +236,34 @@ def check_custom_timesteps(
     original_inference_steps: int = 50,
     strength: float = 1.0,
     num_train_timesteps: int = 1000,
+    every_train_timestep: bool = False,
+    other_fix: str = "",
 ) -> list[int]:
-    """Validate user-given timesteps as diffusers does, and apply ``strength`` the way diffusers does for them.
+    """Validate user-given timesteps as diffusers does, and apply ``strength`` the way diffusers does for them
+    (:func:`truncate_for_strength`: the last ``int(n * strength)``).
 
-    Errors: empty, not strictly descending, or first timestep >= ``num_train_timesteps`` (or negative).
-    Warnings (logged, as in diffusers): a schedule that does not start at ``T - 1`` with strength 1, timesteps
-    off the distillation schedule, and a schedule longer than ``original_inference_steps``.
+    Errors: empty, not strictly descending, outside ``0 .. T-1``, or ``strength`` keeping none (diffusers would
+    run an empty schedule). Warnings (logged, as in diffusers): a schedule that does not start at ``T - 1`` with
+    strength 1, timesteps off the origin schedule, and more timesteps than ``original_inference_steps``.
     """
     ts = [int(t) for t in timesteps]
     if not ts:
         raise LCMInputError("timesteps is empty: give at least one timestep, e.g. '999, 759, 499, 259'.")
-    if len(ts) > MAX_STEPS:
-        raise LCMInputError(f"{len(ts)} custom timesteps given; at most {MAX_STEPS} are allowed.")
-    _check_steps(len(ts), original_inference_steps, num_train_timesteps)
+    check_whole("original_inference_steps", original_inference_steps, 1, num_train_timesteps,
+                "the length of the distillation schedule; 50 for every public LCM and TCD model")
     strength = check_strength(strength)
     check_timestep_order(ts, num_train_timesteps, strength)
-    train = set(origin_timesteps(original_inference_steps, strength, num_train_timesteps))
-    off = [t for t in ts[1:] if t not in train]
+    origin = set(origin_timesteps(original_inference_steps, strength, num_train_timesteps, every_train_timestep))
+    off = [t for t in ts[1:] if t not in origin]
     if off:
-        log.warning("Custom timesteps %s are not on the LCM distillation schedule: results may be unexpected.", off)
+        log.warning("Custom timesteps %s are not on the distillation schedule: results may be unexpected.", off)
     if len(ts) > original_inference_steps:
-        log.warning(
-            "%d custom timesteps exceed original_inference_steps=%d: results may be unexpected.", len(ts), original_inference_steps
-        )
-    n = len(ts)
-    init = min(int(n * strength), n)
-    return ts[max(n - init, 0) :]
+        log.warning("%d custom timesteps exceed original_inference_steps=%d: results may be unexpected.", len(ts),
+                    original_inference_steps)
+    return truncate_for_strength(ts, strength, other_fix)
+
+
+# ---------------------------------------------------------------------------------------------- plans
 
 
 def plan_timesteps(
@@ -220,22 +273,46 @@ def plan_timesteps(
     strength: float = 1.0,
     strength_mode: str = "lcm",
     num_train_timesteps: int = 1000,
+    every_train_timestep: bool = False,
+    other_fix: str = "",
 ) -> list[int]:
-    """The timesteps a run visits, with diffusers' semantics for each ``strength_mode``.
+    """The timesteps a run visits, with diffusers' semantics for each ``strength_mode`` (LCM and TCD alike).
 
     ``"lcm"``: ``LatentConsistencyModel(Img2Img)Pipeline``, strength shortens the distillation schedule before the
-    steps are picked (custom timesteps: the last ``int(n * strength)`` are kept). ``"truncate"``: the SD/SDXL
-    img2img pipelines, the full schedule is built and its first steps dropped (:func:`truncate_for_strength`).
+    steps are picked. ``"truncate"``: the SD/SDXL img2img pipelines, the full schedule is built and its first
+    steps dropped (:func:`truncate_for_strength`). Custom timesteps keep their last ``int(n * strength)`` in
+    both modes, as every diffusers scheduler's ``set_timesteps(timesteps=..., strength=...)`` does; a strength
+    that keeps none is an error naming the fix, in both modes and for both samplers (``other_fix``: the caller's own).
     """
     if strength_mode not in STRENGTH_MODES:
         raise LCMInputError(f"strength_mode={strength_mode!r} is not one of {list(STRENGTH_MODES)}: pick one of those.")
     strength = check_strength(strength)
-    if strength_mode == "lcm":
-        if custom_timesteps:
-            return check_custom_timesteps(custom_timesteps, original_inference_steps, strength, num_train_timesteps)
-        return lcm_timesteps(steps, original_inference_steps, strength, num_train_timesteps)
     if custom_timesteps:
-        full = check_custom_timesteps(custom_timesteps, original_inference_steps, 1.0, num_train_timesteps)
-    else:
-        full = lcm_timesteps(steps, original_inference_steps, 1.0, num_train_timesteps)
-    return truncate_for_strength(full, strength)
+        return check_custom_timesteps(custom_timesteps, original_inference_steps, strength, num_train_timesteps,
+                                      every_train_timestep, other_fix)
+    if strength_mode == "lcm":
+        return pick_timesteps(steps, original_inference_steps, strength, num_train_timesteps, every_train_timestep)
+    full = pick_timesteps(steps, original_inference_steps, 1.0, num_train_timesteps, every_train_timestep)
+    return truncate_for_strength(full, strength, other_fix)
+
+
+# ------------------------------------------------------------------------------- sigma -> table index
+
+
+def nearest_timestep_index(log_sigmas: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Index of the table entry nearest ``sigma`` in log-sigma; an exact half-way tie goes to the LOWER index.
+
+    ``log_sigmas`` is the ascending float64 table. The comparison is made in float64, and a tie is any sigma
+    within ``TIE_LOG_TOLERANCE`` plus its own dtype's precision of a mid-point: float rounding there differs
+    between CPUs and GPUs (ComfyUI's own ``argmin`` picked 519 on one CPU and 499 on another for the same
+    mid-point), so the rule, not the rounding, decides. Runs on the table's device with no host sync.
+    """
+    flat = sigma.detach().reshape(-1).to(device=log_sigmas.device, dtype=torch.float64).log()
+    n = log_sigmas.shape[0]
+    hi = torch.searchsorted(log_sigmas, flat).clamp(1, n - 1)
+    lo = hi - 1
+    d_lo = flat - log_sigmas[lo]
+    d_hi = log_sigmas[hi] - flat
+    tolerance = TIE_LOG_TOLERANCE + (torch.finfo(sigma.dtype).eps if sigma.is_floating_point() else 0.0)
+    index = torch.where(d_hi < d_lo - tolerance, hi, lo)
+    return index.view(sigma.shape)

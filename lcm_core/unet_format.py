@@ -18,6 +18,11 @@ from .errors import LCMModelError
 
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 
+# The model families' names, as every message, tool and chart of the pack spells them (ComfyUI's class names,
+# such as ``SD15``, are mapped to these where they reach a user).
+SD15 = "SD1.5"
+SDXL = "SDXL"
+
 
 def _count(keys: Iterable[str], prefix: str) -> int:
     """Number of consecutive integer children ``prefix{0}``, ``prefix{1}``, ... among ``keys``."""
@@ -149,7 +154,8 @@ def diffusers_unet_layout(sd: Mapping[str, object]) -> UNetLayout:
 
 
 def check_unet_config(config_path: str | None, layout: UNetLayout) -> None:
-    """Check a diffusers ``config.json`` beside a UNet against the layout read from its weights (None: no config)."""
+    """Check a diffusers config (``config.json``, or ``<weights name>.json``) beside a UNet against the layout read
+    from its weights (None: no config)."""
     if config_path is None:
         return
     try:
@@ -162,6 +168,7 @@ def check_unet_config(config_path: str | None, layout: UNetLayout) -> None:
     cfg_dim = config.get("time_cond_proj_dim")
     if cfg_dim != layout.cond_proj_dim:
         raise LCMModelError(
-            f"config.json says time_cond_proj_dim={cfg_dim} but the weights have {layout.cond_proj_dim}: "
-            "the config and the weights do not belong together."
+            f"config {os.path.basename(config_path)!r} says time_cond_proj_dim={cfg_dim} but the weights have "
+            f"{layout.cond_proj_dim}: the config and the weights do not belong together; put the model's own config "
+            "beside the weights, or remove it."
         )

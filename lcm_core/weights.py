@@ -17,6 +17,14 @@ from .errors import LCMModelError
 
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 
+# diffusers' file names for a UNet, the one place the pack spells them: ``<model>/unet/`` (or the folder itself)
+# holds the weights, full precision or the fp16 variant (tried in this order), beside the model's ``config.json``.
+DIFFUSERS_UNET_SUBFOLDER = "unet"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_WEIGHTS_NAME_FP16 = "diffusion_pytorch_model.fp16.safetensors"
+DIFFUSERS_WEIGHTS_NAMES = (DIFFUSERS_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME_FP16)
+DIFFUSERS_CONFIG_NAME = "config.json"
+
 
 def convert_to_safetensors(path: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, int, int]:
     """Write ``path``'s tensors to ``out`` (default: the same name with ``.safetensors``).
@@ -92,20 +100,34 @@ def load_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dic
     return tensors, metadata
 
 
+def diffusers_unet_files(folder: str | os.PathLike) -> tuple[str, str | None] | None:
+    """The UNet of a diffusers model folder: (weights file, its config.json or None), or None when it has none.
+
+    Looks in ``folder/unet/`` first (a whole pipeline's folder), then in ``folder`` itself (a UNet's own folder),
+    for :data:`DIFFUSERS_WEIGHTS_NAMES` in that order.
+    """
+    for sub in (os.path.join(folder, DIFFUSERS_UNET_SUBFOLDER), os.fspath(folder)):
+        for fname in DIFFUSERS_WEIGHTS_NAMES:
+            weights = os.path.join(sub, fname)
+            if os.path.isfile(weights):
+                cfg = os.path.join(sub, DIFFUSERS_CONFIG_NAME)
+                return weights, cfg if os.path.isfile(cfg) else None
+    return None
+
+
 def resolve_unet_files(path: str) -> tuple[str, str | None]:
     """For a UNet path (a file, or a diffusers model folder), return (weights file, config.json or None)."""
     if os.path.isdir(path):
-        folder = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
-        for fname in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
-            if os.path.isfile(os.path.join(folder, fname)):
-                cfg = os.path.join(folder, "config.json")
-                return os.path.join(folder, fname), cfg if os.path.isfile(cfg) else None
-        raise LCMModelError(
-            f"diffusers folder {os.path.basename(path)!r} has no diffusion_pytorch_model[.fp16].safetensors "
-            "(in it or in its unet/ sub-folder)."
-        )
+        found = diffusers_unet_files(path)
+        if found is None:
+            raise LCMModelError(
+                f"diffusers folder {os.path.basename(path.rstrip(os.sep))!r} has no {' or '.join(DIFFUSERS_WEIGHTS_NAMES)} "
+                f"(in it or in its {DIFFUSERS_UNET_SUBFOLDER}/ sub-folder): download the model's {DIFFUSERS_UNET_SUBFOLDER} "
+                "weights in .safetensors form into it."
+            )
+        return found
     base = os.path.splitext(path)[0]
-    for cfg in (base + ".json", base.replace(".fp16", "") + ".json", os.path.join(os.path.dirname(path), "config.json")):
+    for cfg in (base + ".json", base.replace(".fp16", "") + ".json", os.path.join(os.path.dirname(path), DIFFUSERS_CONFIG_NAME)):
         if os.path.isfile(cfg):
             return path, cfg
     return path, None

@@ -1,9 +1,11 @@
 """The ComfyUI adapter's own contracts, in a real in-process ComfyUI: the step production runs equals
 LCMScheduler.step at every step, setup_lcm is idempotent along any chain of our nodes, KSampler on our MODEL
-visits LCM's timesteps, and concurrent runs on one MODEL do not interfere."""
+visits LCM's timesteps (and the sigma -> timestep rule decides ties the same way on every device), and
+concurrent runs on one MODEL do not interfere."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 from types import SimpleNamespace
 
@@ -21,7 +23,7 @@ def _fake_eps(x_t: torch.Tensor, t: float) -> torch.Tensor:
 
 
 class _FakeGuider:
-    """What lcm_loop is given by ComfyUI's KSAMPLER: the noise, the image latent, and a denoising model call
+    """What the loop is given by ComfyUI's KSAMPLER: the noise, the image latent, and a denoising model call
     that ends in our LCMModelSampling.calculate_denoised, fed ComfyUI's input scaling."""
 
     def __init__(self, ms, noise, latent_image):
@@ -35,7 +37,7 @@ class _FakeGuider:
 @pytest.mark.parametrize("timesteps,from_image", [((999, 759, 499, 259), False), ((999,), False), ((899, 599, 299), False),
                                                   ((739, 559, 379, 199), True)])
 def test_production_loop_equals_lcm_scheduler_step_at_every_step(pack, timesteps, from_image):
-    """lcm_loop + LCMModelSampling (what LCM Sampler runs) against diffusers' LCMScheduler.step on the same
+    """consistency_loop with LCM's method + LCMModelSampling (what LCM Sampler runs) against diffusers' LCMScheduler.step on the same
     inputs: every step's denoised and the final latent, within 1e-5 in float32."""
     from diffusers import LCMScheduler
 
@@ -55,10 +57,12 @@ def test_production_loop_equals_lcm_scheduler_step_at_every_step(pack, timesteps
         ref, den = sched.step(_fake_eps(ref, float(t)), t, ref, generator=gen, return_dict=False)
         ref_denoised.append(den)
 
-    sigmas = pack.comfy.sampler.sigmas_for(ms, timesteps)
+    run = importlib.import_module(f"{pack.root}.lcm_comfy.run")
+    sigmas = run.sigmas_for(ms, timesteps)
     seen = []
-    out = pack.comfy.sampler.lcm_loop(_FakeGuider(ms, initial, image), torch.zeros(shape), sigmas,
-                                      callback=lambda d: seen.append(d["denoised"]), noise=noise, from_image=from_image)
+    out = run.consistency_loop(_FakeGuider(ms, initial, image), torch.zeros(shape), sigmas,
+                               callback=lambda d: seen.append(d["denoised"]), noise=noise, from_image=from_image,
+                               timesteps=timesteps, alphas_cumprod=ms.alphas_cumprod, method=pack.comfy.sampler.LCM_METHOD)
     assert len(seen) == len(timesteps)
     for i, (ours, theirs) in enumerate(zip(seen, ref_denoised, strict=True)):
         assert (ours - theirs).abs().max() <= TOL * max(1.0, theirs.abs().max().item()), f"step {i}"
@@ -103,9 +107,11 @@ def test_setup_lcm_is_idempotent_along_any_chain_of_our_nodes(pack, runner, chai
     assert len(out["1"][0][0].get_wrappers(ms_mod.DIFFUSION_MODEL, ms_mod.GUIDANCE_WRAPPER_KEY)) == 1
 
 
-def test_ksampler_on_our_model_visits_lcms_timesteps(pack, runner, chain_files):
+@pytest.mark.parametrize("steps,expected", [(4, [999, 759, 499, 259]), (8, [999, 879, 759, 639, 499, 379, 259, 139])])
+def test_ksampler_on_our_model_visits_lcms_timesteps(pack, runner, chain_files, steps, expected):
     """ComfyUI's own KSampler (sampler lcm, scheduler sgm_uniform) on Load LCM UNet's MODEL feeds the UNet the
-    timesteps LCM Sampler uses: 999, 759, 499, 259."""
+    timesteps LCM Sampler uses, on any CPU: at 4 steps sgm_uniform lands on a half-way point (t = 509, between
+    499 and 519) and the tie rule picks 499."""
     import comfy.sample
 
     model = runner.run({"1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "chain-lcm.safetensors", "weight_dtype": "fp32"}}},
@@ -121,11 +127,83 @@ def test_ksampler_on_our_model_visits_lcms_timesteps(pack, runner, chain_files):
     cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)), {}]]
     latent = torch.zeros(1, 4, 8, 8)
     noise = comfy.sample.prepare_noise(latent, 3)
-    out = comfy.sample.sample(m, noise, 4, 1.0, "lcm", "sgm_uniform", cond, cond, latent, disable_pbar=True, seed=3)
-    assert [round(t) for t in seen] == [999, 759, 499, 259]
+    out = comfy.sample.sample(m, noise, steps, 1.0, "lcm", "sgm_uniform", cond, cond, latent, disable_pbar=True, seed=3)
+    assert seen == [float(t) for t in expected]  # exact: the timesteps the UNet is fed are whole numbers
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-    config = pack.core.SamplingConfig(seed=3, steps=4, guidance_scale=8.0, progress=False)
-    assert config.planned == (999, 759, 499, 259)
+    assert pack.core.SamplingConfig(seed=3, steps=steps, guidance_scale=8.0, progress=False).planned == tuple(expected)
+
+
+# ------------------------------------------------------------------ the sigma -> timestep rule (ties)
+
+SAME_AS_LCM_SCHEDULER = [1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 16]
+DIFFERENT = [5, 10, 13, 14, 15]
+
+
+def _distilled_sampling(pack):
+    """Load LCM UNet's model sampling: the 50 distillation sigmas of SD's schedule (t = 20 i + 19)."""
+    return pack.comfy.model_sampling.LCMModelSampling(SimpleNamespace(sampling_settings={}), 10.0, 50)
+
+
+def test_ksampler_sgm_uniform_step_counts_that_reproduce_lcm_scheduler(pack):
+    """Which step counts of ComfyUI's KSampler (sgm_uniform) on Load LCM UNet's MODEL give exactly diffusers'
+    LCMScheduler timesteps: 1-4, 6-9, 11, 12 and 16 (the help page says so); 5, 10 and 13-15 differ."""
+    import comfy.samplers
+    from diffusers import LCMScheduler
+
+    ms = _distilled_sampling(pack)
+    sched = LCMScheduler()
+    same, different = [], []
+    for steps in range(1, 17):
+        sigmas = comfy.samplers.calculate_sigmas(ms, "sgm_uniform", steps)
+        ours = ms.timestep(sigmas[:-1]).tolist()
+        sched.set_timesteps(steps)
+        (same if ours == sched.timesteps.tolist() else different).append(steps)
+    assert same == SAME_AS_LCM_SCHEDULER
+    assert different == DIFFERENT
+
+
+def _half_way_sigmas(ms, dtype: torch.dtype, offset: float) -> torch.Tensor:
+    """The sigma at every table mid-point i + 0.5 (+ offset, in table steps), as ComfyUI's own sigma() interpolates
+    it in float32, then given in ``dtype``."""
+    positions = torch.arange(len(ms.sigmas) - 1, dtype=torch.float32) + 0.5 + offset
+    log_sigma = (1 - positions.frac()) * ms.log_sigmas[positions.floor().long()] + positions.frac() * ms.log_sigmas[positions.ceil().long()]
+    return log_sigma.exp().to(dtype)
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 1e-3), (torch.float16, 0.1)])
+def test_timestep_rule_at_every_half_way_point(pack, dtype, offset):
+    """At each of the 49 mid-points of the distilled table the LOWER timestep wins, whatever float rounding did to
+    the sigma; just either side of each (by more than the tie band: 1e-3 of a table step in float32, whose rounding
+    is ~1e-7 in log-sigma; 0.1 in float16, whose rounding is ~5e-4) the nearer one wins. Also the mid-points of ComfyUI's
+    own sigma(), with the timestep it is fed, and exact table sigmas map to themselves."""
+    ms = _distilled_sampling(pack)
+    n = len(ms.sigmas)
+    lower = torch.arange(n - 1) * 20 + 19
+    assert ms.timestep(_half_way_sigmas(ms, dtype, 0.0)).tolist() == lower.tolist()
+    assert ms.timestep(_half_way_sigmas(ms, dtype, -offset)).tolist() == lower.tolist()
+    assert ms.timestep(_half_way_sigmas(ms, dtype, +offset)).tolist() == (lower + 20).tolist()
+    via_comfy = ms.sigma(torch.tensor([float(t) + 10.0 for t in lower.tolist()])).to(dtype)  # 29, 49, ...: (t - 19) / 20 = i + 0.5
+    assert ms.timestep(via_comfy).tolist() == lower.tolist()
+    exact = ms.sigmas.to(dtype) if dtype == torch.float32 else ms.sigmas
+    assert ms.timestep(exact).tolist() == (torch.arange(n) * 20 + 19).tolist()
+
+
+def test_tie_rule_keeps_the_table_shape_and_device_of_its_input(pack):
+    """timestep() returns the input's shape on the input's device, as ComfyUI's own does (batched sigmas)."""
+    ms = _distilled_sampling(pack)
+    sigma = ms.sigmas[[3, 24, 3, 49]].view(2, 2)
+    t = ms.timestep(sigma)
+    assert t.shape == (2, 2) and t.device == sigma.device and t.tolist() == [[79, 499], [79, 999]]
+
+
+def test_tcd_model_sampling_sees_only_exact_table_sigmas(pack):
+    """TCD's model sampling keeps the full 1000-entry table, and the TCD sampler feeds it only table sigmas
+    (sigmas_for): every one maps back to its own timestep, so no tie can arise there."""
+    run = importlib.import_module(f"{pack.root}.lcm_comfy.run")
+    ms = pack.comfy.model_sampling.DiffusersModelSampling(SimpleNamespace(sampling_settings={}))
+    every = tuple(range(999, -1, -1))
+    sigmas = run.sigmas_for(ms, every)
+    assert ms.timestep(sigmas[:-1]).tolist() == list(every)
 
 
 def test_concurrent_runs_on_one_model_equal_serial_runs(pack, runner, chain_files):

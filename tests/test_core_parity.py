@@ -59,9 +59,15 @@ def test_timesteps_known_values():
 @pytest.mark.parametrize("custom", [[999, 759, 499, 259], [999, 500, 250, 10], [899, 599], [999]])
 @pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_custom_timesteps_equal_diffusers(custom, strength):
+    """As diffusers, or, where diffusers keeps no timestep at all, an error naming the fix (TCD's test checks the same)."""
     sched = LCMScheduler()
     sched.set_timesteps(timesteps=custom, strength=strength)
-    assert check_custom_timesteps(custom, strength=strength) == sched.timesteps.tolist()
+    ref = sched.timesteps.tolist()
+    if not ref:
+        with pytest.raises(LCMInputError, match=r"keeps int\(1 x 0.5\) = 0 of the 1 timesteps: raise strength"):
+            check_custom_timesteps(custom, strength=strength)
+        return
+    assert check_custom_timesteps(custom, strength=strength) == ref
 
 
 @pytest.mark.parametrize("bad,expect", [
@@ -79,7 +85,7 @@ def test_custom_timesteps_rejected_with_fix(bad, expect):
 def test_custom_timesteps_off_schedule_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="lcm_nodes"):
         check_custom_timesteps([999, 500])
-    assert "not on the LCM distillation schedule" in caplog.text
+    assert "not on the distillation schedule" in caplog.text
 
 
 def test_parse_timesteps():
@@ -105,8 +111,10 @@ def test_truncate_matches_sdxl_img2img_get_timesteps(steps, strength):
 
 
 def test_truncate_to_zero_steps_is_an_error():
-    with pytest.raises(LCMInputError, match="strength_mode 'lcm'"):
+    with pytest.raises(LCMInputError, match=r"keeps int\(2 x 0.3\) = 0 of the 2 timesteps: raise strength to at least 0.5"):
         truncate_for_strength(lcm_timesteps(2), 0.3)
+    with pytest.raises(LCMInputError, match="or use strength_mode 'lcm'"):  # the LCM samplers name their other mode
+        lcm_core.SamplingConfig(seed=0, steps=2, strength=0.3, strength_mode="truncate", from_image=True)
 
 
 def test_alphas_cumprod_equal_diffusers():

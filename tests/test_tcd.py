@@ -11,17 +11,10 @@ import pytest
 import torch
 from diffusers import TCDScheduler
 
+from lcm_core.config import TCDConfig
 from lcm_core.errors import LCMInputError
-from lcm_core.schedule import NoiseSchedule, truncate_for_strength
-from lcm_core.tcd import (
-    TCDConfig,
-    check_gamma,
-    check_tcd_custom_timesteps,
-    previous_timestep,
-    step_draws_noise,
-    tcd_step,
-    tcd_timesteps,
-)
+from lcm_core.schedule import NoiseSchedule, check_custom_timesteps, pick_timesteps, truncate_for_strength
+from lcm_core.step import check_gamma, previous_timestep, step_draws_noise, tcd_step
 
 ALPHAS = NoiseSchedule().alphas_cumprod()
 
@@ -57,16 +50,16 @@ def test_timesteps_equal_diffusers(explicit, original, strength):
     for steps in range(1, 61):
         ref = _diffusers_timesteps(steps, original, strength, explicit)
         try:
-            ours = tcd_timesteps(steps, original, strength, every_train_timestep=explicit)
+            ours = pick_timesteps(steps, original, strength, every_train_timestep=explicit)
         except LCMInputError:
             ours = None
         assert ours == ref, (steps, original, strength, explicit)
 
 
 def test_timesteps_known_values():
-    assert tcd_timesteps(4) == [999, 759, 499, 259]
-    assert tcd_timesteps(4, every_train_timestep=True) == [999, 749, 499, 249]
-    assert tcd_timesteps(8)[:3] == [999, 879, 759]
+    assert pick_timesteps(4) == [999, 759, 499, 259]
+    assert pick_timesteps(4, every_train_timestep=True) == [999, 749, 499, 249]
+    assert pick_timesteps(8)[:3] == [999, 879, 759]
 
 
 @pytest.mark.parametrize("custom", [[999, 759, 499, 259], [999, 749, 499, 249], [999, 500, 250, 10], [899, 599], [999], [999, 0]])
@@ -79,25 +72,25 @@ def test_custom_timesteps_equal_diffusers(custom, strength, explicit):
     ref = sched.timesteps.tolist()
     if not ref:  # diffusers keeps nothing; ours refuses with the fix
         with pytest.raises(LCMInputError, match="raise strength"):
-            check_tcd_custom_timesteps(custom, strength=strength, every_train_timestep=explicit)
+            check_custom_timesteps(custom, strength=strength, every_train_timestep=explicit)
         return
-    assert check_tcd_custom_timesteps(custom, strength=strength, every_train_timestep=explicit) == ref
+    assert check_custom_timesteps(custom, strength=strength, every_train_timestep=explicit) == ref
 
 
 @pytest.mark.parametrize("bad", [[259, 499], [999, 999], [1000, 10], [5, -1], []])
 def test_custom_timesteps_rejected_with_fix(bad):
     with pytest.raises(LCMInputError, match="timesteps"):
-        check_tcd_custom_timesteps(bad)
+        check_custom_timesteps(bad)
 
 
 def test_custom_timesteps_warn_like_diffusers(caplog):
     with caplog.at_level(logging.WARNING, logger="lcm_nodes"):
-        check_tcd_custom_timesteps([999, 749, 499, 249])
-    assert "not on the TCD distillation schedule" in caplog.text and "[749, 249]" in caplog.text
+        check_custom_timesteps([999, 749, 499, 249])
+    assert "not on the distillation schedule" in caplog.text and "[749, 249]" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lcm_nodes"):
-        check_tcd_custom_timesteps([999, 749, 499, 249], every_train_timestep=True)  # every timestep is on that schedule
-    assert "not on the TCD" not in caplog.text
+        check_custom_timesteps([999, 749, 499, 249], every_train_timestep=True)  # every timestep is on that schedule
+    assert "not on the distillation" not in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -107,7 +100,7 @@ def test_custom_timesteps_warn_like_diffusers(caplog):
 )
 def test_bad_schedule_values_name_value_and_fix(kwargs, match):
     with pytest.raises(LCMInputError, match=match):
-        tcd_timesteps(**kwargs)
+        pick_timesteps(**kwargs)
 
 
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan"), "a"])
@@ -140,7 +133,7 @@ def test_config_plans_the_img2img_pipelines_timesteps(strength, schedule):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"gamma": 1.2}, "gamma=1.2"), ({"guidance_scale": -1.0}, "guidance_scale=-1.0"), ({"seed": -3}, "seed=-3"),
-     ({"strength": 0.2}, "strength=0.2 with 4 steps"), ({"steps": 60}, "steps=60"), ({"timesteps": (5, 10)}, "descending"),
+     ({"strength": 0.2}, r"strength=0.2 keeps int\(4 x 0.2\) = 0"), ({"steps": 60}, "steps=60"), ({"timesteps": (5, 10)}, "descending"),
      ({"keep_graphs": "sometimes"}, "keep_graphs")],
 )
 def test_config_rejects_bad_values_with_fix(kwargs, match):
@@ -179,7 +172,7 @@ def _run_both(gamma, set_kwargs, begin_index=0, seed=5, sched_kwargs=None):
         noise = torch.randn(BASE.shape, generator=g_ours) if step_draws_noise(gamma, i == len(ts) - 1) else None
         draws += noise is not None
         ours = tcd_step(eps, t, x_ref, previous_timestep(ts, i), gamma, ALPHAS, noise)
-        assert_close(ours.pred_noised_sample, ref.pred_noised_sample, f"x_s at step {i} (t={t})")
+        assert_close(ours.denoised, ref.pred_noised_sample, f"x_s at step {i} (t={t})")
         assert_close(ours.prev_sample, ref.prev_sample, f"prev_sample at step {i} (t={t})")
         # our own loop, fed only by itself, stays on diffusers' trajectory (same noise, drawn in the same order)
         loop_ours = tcd_step(fake_eps(loop_ours, t), t, loop_ours, previous_timestep(ts, i), gamma, ALPHAS, noise).prev_sample
@@ -207,7 +200,7 @@ def test_step_equals_diffusers_custom_timesteps(gamma, custom):
 @pytest.mark.parametrize("strength", [0.3, 0.5, 0.75])
 def test_step_equals_diffusers_img2img_truncated(gamma, strength):
     """The SD/SDXL img2img pipelines: full schedule, first steps dropped, scheduler started at begin_index."""
-    full = tcd_timesteps(4)
+    full = pick_timesteps(4)
     kept = truncate_for_strength(full, strength)
     _run_both(gamma, {"num_inference_steps": 4}, begin_index=len(full) - len(kept))
 
@@ -229,7 +222,7 @@ def test_intermediate_timestep_equals_diffusers_everywhere(gamma):
     for prev in range(1, 999):
         sched.set_timesteps(timesteps=[999, prev])
         ref = sched.step(eps, 999, sample, eta=gamma).pred_noised_sample
-        ours = tcd_step(eps, 999, sample, prev, gamma, ALPHAS, None).pred_noised_sample
+        ours = tcd_step(eps, 999, sample, prev, gamma, ALPHAS, None).denoised
         assert_close(ours, ref, f"t_prev={prev}")
 
 
