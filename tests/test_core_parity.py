@@ -95,6 +95,53 @@ def test_parse_timesteps():
         parse_timesteps("999, 7x")
 
 
+@pytest.mark.parametrize("text", ["\uff19\uff19\uff19, 759", "999, \u0667\u0665\u0669", "999, 7\u00b2"])
+def test_parse_timesteps_rejects_digits_outside_ascii(text):
+    """Full-width (U+FF19) and Arabic-Indic digits are read by Python's int(); a timestep must be written 0-9."""
+    with pytest.raises(LCMInputError, match="ASCII digits 0-9"):
+        parse_timesteps(text)
+
+
+# Strength meets a float product whose real value is a whole number (0.29 x 100 = 28.999999999999996 in float64):
+# diffusers floors that product, and so do we, by the same float64 arithmetic, which is the same on every IEEE CPU.
+BOUNDARY_STRENGTHS = [k / 100 for k in range(1, 101)] + [0.07, 0.14, 0.28, 0.57, 0.58, 0.29, 0.3, 0.6, 0.7]
+
+
+def test_truncation_at_every_strength_boundary_equals_diffusers():
+    """'truncate' (StableDiffusionXLImg2ImgPipeline.get_timesteps) for 1-16 steps at every strength k/100."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    sched = LCMScheduler()
+    for steps in range(1, 17):
+        sched.set_timesteps(steps)
+        for strength in BOUNDARY_STRENGTHS:
+            ref, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched), steps, strength, "cpu")
+            try:
+                ours = truncate_for_strength(lcm_timesteps(steps), strength)
+            except LCMInputError:
+                ours = []  # diffusers goes on with no step; ours refuses with the fix
+            assert ours == ref.tolist(), (steps, strength)
+
+
+def test_lcm_strength_cut_at_every_strength_boundary_equals_diffusers():
+    """'lcm' mode cuts the origin schedule at int(50 x strength) as LCMScheduler.set_timesteps does."""
+    sched = LCMScheduler()
+    for strength in BOUNDARY_STRENGTHS:
+        for steps in (1, 2, 4, 8):
+            try:
+                sched.set_timesteps(steps, strength=strength)
+                ref = sched.timesteps.tolist()
+            except ValueError:
+                ref = None
+            try:
+                ours = lcm_timesteps(steps, strength=strength)
+            except LCMInputError:
+                ours = None
+            assert ours == ref, (steps, strength)
+
+
 @pytest.mark.parametrize("steps,strength", [(4, 0.3), (4, 0.5), (4, 1.0), (8, 0.75), (3, 0.34), (6, 0.99)])
 def test_truncate_matches_sdxl_img2img_get_timesteps(steps, strength):
     """'truncate' is StableDiffusionXLImg2ImgPipeline.get_timesteps itself, run on an LCMScheduler's schedule."""
@@ -130,27 +177,32 @@ def test_boundary_scalings_equal_diffusers(scaling):
         assert abs(ours[0] - ref[0]) <= TOL and abs(ours[1] - ref[1]) <= TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
-def test_consistency_step_equals_scheduler_step(steps):
-    """lcm_core.step.lcm_step (what the sampler runs) reproduces LCMScheduler.step on random inputs, step by step."""
+def test_consistency_step_equals_scheduler_step(steps, dtype):
+    """lcm_core.step.lcm_step (what the sampler runs) reproduces LCMScheduler.step on random inputs, step by step, in
+    float32 (1e-5) and in float16, where diffusers computes the scalars in float32 before they meet the latents:
+    our step makes the same operations, so it may differ by a couple of float16 roundings (2e-3 relative)."""
+    tol = TOL if dtype == torch.float32 else 2e-3
     sched = LCMScheduler()
     sched.set_timesteps(steps)
     acp = NoiseSchedule().alphas_cumprod()
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
+    sample = torch.randn(2, 4, 8, 8, generator=g).to(dtype)
     ts = sched.timesteps.tolist()
-    noise = draw_noise(99, tuple(sample.shape), steps)
     gen = torch.Generator("cpu").manual_seed(99)
-    torch.randn(sample.shape, generator=gen)  # the pipeline's initial draw comes first
+    ours_gen = torch.Generator("cpu").manual_seed(99)
     ours = sample.clone()
     ref = sample.clone()
     for i, t in enumerate(ts):
-        eps = torch.randn(sample.shape, generator=g)
-        ref, ref_denoised = sched.step(eps, t, ref, generator=gen, return_dict=False)
+        eps = torch.randn(sample.shape, generator=g).to(dtype)
+        ref, ref_denoised = sched.step(eps, t, ref, generator=gen, return_dict=False)  # draws in eps' dtype
         last = i + 1 == len(ts)
-        out = lcm_step(eps, t, ours, acp[t], 1.0 if last else acp[ts[i + 1]], None if last else noise.steps[i])
-        assert (out.denoised - ref_denoised).abs().max() <= TOL
-        assert (out.prev_sample - ref).abs().max() <= TOL
+        noise = None if last else torch.randn(sample.shape, generator=ours_gen, dtype=dtype)
+        out = lcm_step(eps, t, ours, acp[t], 1.0 if last else acp[ts[i + 1]], noise)
+        assert out.prev_sample.dtype == ref.dtype
+        assert (out.denoised.float() - ref_denoised.float()).abs().max() <= tol * max(1.0, ref_denoised.abs().max().item())
+        assert (out.prev_sample.float() - ref.float()).abs().max() <= tol * max(1.0, ref.abs().max().item())
         ours = out.prev_sample
 
 

@@ -19,10 +19,15 @@ from lcm_core.step import check_gamma, previous_timestep, step_draws_noise, tcd_
 ALPHAS = NoiseSchedule().alphas_cumprod()
 
 
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str = "") -> float:
-    tol = 1e-4 * max(1.0, ref.abs().max().item())
-    diff = (ours - ref).abs().max().item()
-    assert ours.shape == ref.shape, what
+# float16 per-step tolerance: our step makes the same operations as diffusers' (scalars in float32, then one
+# rounding to float16 per product), so the two may differ by a couple of float16 rounding steps (2^-10 relative).
+FP16_TOL = 2e-3
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str = "", rel: float = 1e-4) -> float:
+    tol = rel * max(1.0, ref.abs().max().item())
+    diff = (ours.float() - ref.float()).abs().max().item()
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype, what
     assert diff <= tol, f"{what}: max abs diff {diff:.3e} > tolerance {tol:.3e}"
     return diff
 
@@ -152,9 +157,11 @@ def fake_eps(sample: torch.Tensor, t) -> torch.Tensor:
     return 0.8 * BASE + 0.3 * torch.tanh(sample) * torch.cos(torch.as_tensor(t, dtype=torch.float32) / 300)
 
 
-def _run_both(gamma, set_kwargs, begin_index=0, seed=5, sched_kwargs=None):
-    """Step diffusers' TCDScheduler and ours on the same inputs at every step, and our own loop beside it;
-    returns how many noise tensors our loop drew."""
+def _run_both(gamma, set_kwargs, begin_index=0, seed=5, sched_kwargs=None, dtype=torch.float32):
+    """Step diffusers' TCDScheduler and ours on the same inputs at every step, and our own loop beside it, in
+    ``dtype`` (diffusers draws its step noise in the model output's dtype; so do we here); returns how many noise
+    tensors our loop drew."""
+    rel = 1e-4 if dtype == torch.float32 else FP16_TOL
     sched = TCDScheduler(**(sched_kwargs or {}))
     sched.set_timesteps(**set_kwargs)
     full = sched.timesteps.tolist()
@@ -163,37 +170,40 @@ def _run_both(gamma, set_kwargs, begin_index=0, seed=5, sched_kwargs=None):
     ts = full[begin_index:]
     g_ref = torch.Generator("cpu").manual_seed(seed)
     g_ours = torch.Generator("cpu").manual_seed(seed)
-    x_ref = torch.randn(BASE.shape, generator=g_ref)
-    loop_ours = torch.randn(BASE.shape, generator=g_ours)
+    x_ref = torch.randn(BASE.shape, generator=g_ref, dtype=dtype)
+    loop_ours = torch.randn(BASE.shape, generator=g_ours, dtype=dtype)
     draws = 0
     for i, t in enumerate(ts):
-        eps = fake_eps(x_ref, t)
+        eps = fake_eps(x_ref, t).to(dtype)
         ref = sched.step(eps, sched.timesteps[begin_index + i], x_ref, eta=gamma, generator=g_ref)
-        noise = torch.randn(BASE.shape, generator=g_ours) if step_draws_noise(gamma, i == len(ts) - 1) else None
+        noise = torch.randn(BASE.shape, generator=g_ours, dtype=dtype) if step_draws_noise(gamma, i == len(ts) - 1) else None
         draws += noise is not None
         ours = tcd_step(eps, t, x_ref, previous_timestep(ts, i), gamma, ALPHAS, noise)
-        assert_close(ours.denoised, ref.pred_noised_sample, f"x_s at step {i} (t={t})")
-        assert_close(ours.prev_sample, ref.prev_sample, f"prev_sample at step {i} (t={t})")
+        assert_close(ours.denoised, ref.pred_noised_sample, f"x_s at step {i} (t={t})", rel)
+        assert_close(ours.prev_sample, ref.prev_sample, f"prev_sample at step {i} (t={t})", rel)
         # our own loop, fed only by itself, stays on diffusers' trajectory (same noise, drawn in the same order)
-        loop_ours = tcd_step(fake_eps(loop_ours, t), t, loop_ours, previous_timestep(ts, i), gamma, ALPHAS, noise).prev_sample
+        loop_ours = tcd_step(fake_eps(loop_ours, t).to(dtype), t, loop_ours, previous_timestep(ts, i), gamma, ALPHAS,
+                             noise).prev_sample
         x_ref = ref.prev_sample
-    assert_close(loop_ours, x_ref, "final latent of the whole loop")
+    assert_close(loop_ours, x_ref, "final latent of the whole loop", rel)
     # both generators consumed the same number of draws: the next numbers agree
     assert torch.equal(torch.randn(3, generator=g_ref), torch.randn(3, generator=g_ours))
     return draws
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("gamma", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
-def test_step_equals_diffusers(gamma, steps):
-    draws = _run_both(gamma, {"num_inference_steps": steps})
+def test_step_equals_diffusers(gamma, steps, dtype):
+    draws = _run_both(gamma, {"num_inference_steps": steps}, dtype=dtype)
     assert draws == (0 if gamma == 0 else steps - 1)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 0.7])
 @pytest.mark.parametrize("custom", [[999, 749, 499, 249], [999, 500, 250, 10], [899, 599], [999, 1]])
-def test_step_equals_diffusers_custom_timesteps(gamma, custom):
-    _run_both(gamma, {"timesteps": custom})
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_step_equals_diffusers_custom_timesteps(gamma, custom, dtype):
+    _run_both(gamma, {"timesteps": custom}, dtype=dtype)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.3])
