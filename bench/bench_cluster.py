@@ -1,8 +1,8 @@
 """Scale-out benchmark (issue #13): one prompt file on 1 worker, then on 2 workers (one GPU each), same files.
 
 Builds full-size random-weight SDXL parts (LCM UNet with the guidance embedding, CLIP-L, CLIP-G, SD VAE; the
-same builder as ``bench_server.py``, random weights cost what real ones do) in a fresh ComfyUI base folder,
-writes an SDXL text-to-image workflow (LCM Load UNet -> LCM Sampler, 4 steps -> VAE Decode -> Save Image,
+same builder as ``bench_server.py``'s, ``model_files.py``; random weights cost what real ones do) in a fresh ComfyUI
+base folder, writes an SDXL text-to-image workflow (LCM Load UNet -> LCM Sampler, 4 steps -> VAE Decode -> Save Image,
 1024x1024) and a prompts file of N distinct prompts and seeds. Then, for 1 and for 2 workers, it starts the
 local Dask cluster ``--workers N`` starts (one worker per GPU, pinned by CUDA_VISIBLE_DEVICES, each with its own
 ComfyUI), runs a warm-up job (models loaded, CUDA graphs captured) and times the real job: images/s =
@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def write_inputs(out: Path, base: Path, n: int, size: int, tiny: bool, family: str) -> tuple[Path, Path]:
-    from bench_server import build_models, prompt_text, workflow
+    from model_files import build_models
+    from server_workflows import prompt_text, workflow
 
     for sub in ("models", "input", "user", "custom_nodes"):
         (base / sub).mkdir(parents=True, exist_ok=True)

@@ -12,64 +12,34 @@ runs a small correctness smoke instead (timings are for GPUs only).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 4
-
-
-def pack(name: str):
-    """A module of this pack (``lcm_nodes.<name>``), imported as a package so its relative imports resolve."""
-    import importlib
-
-    if "lcm_nodes" not in sys.modules:
-        link_dir = Path(tempfile.mkdtemp(prefix="lcm-pack-"))
-        (link_dir / "lcm_nodes").symlink_to(REPO, target_is_directory=True)
-        sys.path.append(str(link_dir))
-    return importlib.import_module(f"lcm_nodes.{name}")
-
-
-def sample(model, pos, neg, latent, seed, guidance, fast=True, keep_graphs="always", compile_=False):
-    """One LCM Sampler run (4 steps) through the pack's sampler; returns (latents, SamplingStats)."""
-    config = pack("lcm_core.config").SamplingConfig(seed=seed, steps=STEPS, guidance_scale=guidance, fast=fast,
-                                                    keep_graphs=keep_graphs, progress=False, compile=compile_)
-    out, stats = pack("lcm_comfy.sampler").sample(model, pos, neg, latent, config)
-    return out["samples"], stats
-
-
-def load_unet(sd: dict, name: str):
-    return pack("lcm_comfy.loading").load_lcm_unet_state_dict(sd, name, "fp16")
-
-
-def boot_comfy(comfy_path: str, cpu: bool):
-    sys.path.insert(0, comfy_path)
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = cpu
-    comfy.cli_args.args.base_directory = tempfile.mkdtemp()
-    import comfy.model_management  # noqa: F401
-    import folder_paths  # noqa: F401
-    import utils.extra_config  # noqa: F401
-
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    sys.path.append(str(REPO))
-    sys.path.append(str(REPO / "tests"))  # the test oracles (diffusers <-> ComfyUI conditioning)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    REPO,
+    SD_VAE,
+    STEPS,
+    boot_comfy,
+    comfy_conds,
+    default_comfyui,
+    free_models,
+    full_size_parts,
+    inprocess_bars,
+    load_unet,
+    pack,
+    sample,
+    tiny_unet_config,
+    unet_config,
+)
 
 
 def timed(fn, reps: int, warmup: int = 2) -> tuple[float, object]:
@@ -85,17 +55,6 @@ def timed(fn, reps: int, warmup: int = 2) -> tuple[float, object]:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times), out
-
-
-def unet_config(family: str, cond_proj: int | None):
-    if family == "sd15":
-        return dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, time_cond_proj_dim=cond_proj)
-    return dict(sample_size=128, block_out_channels=(320, 640, 1280),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816, time_cond_proj_dim=cond_proj)
 
 
 def matmul_tflops(n: int = 8192) -> float:
@@ -124,17 +83,6 @@ def diffusers_inputs(family, batch, h, dtype=torch.float16):
                "added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280, device="cuda", dtype=dtype, generator=g), "time_ids": ids}}
 
 
-def comfy_conds(family, batch, h):
-    from oracles import diffusers_to_conditioning
-
-    g = torch.Generator().manual_seed(1)
-    if family == "sd15":
-        return [[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]]
-    ids = torch.tensor([[h * 8, h * 8, 0, 0, h * 8, h * 8]], dtype=torch.float32)
-    mk = lambda: diffusers_to_conditioning(torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g), ids)  # noqa: E731
-    return mk(), mk()
-
-
 def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1, 4)):
     import comfy.sample
     import comfy.sd
@@ -145,9 +93,7 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
     torch.manual_seed(0)
     with torch.device("cuda"):
         unet = UNet2DConditionModel(**unet_config(family, 256)).half().eval()
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                            force_upcast=False).half().eval()
+        vae = AutoencoderKL(**SD_VAE, force_upcast=False).half().eval()
     params = sum(p.numel() for p in unet.parameters())
     sd_cpu = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
     guided = load_unet(dict(sd_cpu), f"{family}-guided")
@@ -255,33 +201,8 @@ def bench_family(family: str, reps: int, results: dict, rate: float, batches=(1,
         fam["rows"][f"batch{batch}"] = rows
         print(family, batch, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows.items()}), flush=True)
     del pipe, unet, unet_plain, guided, plain, native
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
-    comfy.model_management.soft_empty_cache()
+    free_models()
     torch.cuda.empty_cache()
-
-
-def full_size_parts(family: str, name: str, with_vae: bool = True):
-    """Full-size random-weight parts on the GPU, seeded: ComfyUI's MODEL of an LCM UNet with the guidance embedding
-    (fp16), the SD VAE (ComfyUI's, its working dtype) or None, batch-1 conditioning and an empty batch-1 latent."""
-    import comfy.sd
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    h = 64 if family == "sd15" else 128
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel(**unet_config(family, 256)).half().eval()
-        vae_ref = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4) if with_vae else None
-    sd = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
-    vae_sd = {k: v.detach().to("cpu", copy=True) for k, v in vae_ref.state_dict().items()} if with_vae else None
-    del unet, vae_ref
-    torch.cuda.empty_cache()
-    model = load_unet(sd, name)
-    vae = comfy.sd.VAE(sd=vae_sd) if with_vae else None
-    pos, _ = comfy_conds(family, 1, h)
-    return model, vae, pos, {"samples": torch.zeros(1, 4, h, h)}
 
 
 def bench_compile(family: str, reps: int) -> dict:
@@ -342,10 +263,7 @@ def bench_compile(family: str, reps: int) -> dict:
     res["images_per_s_compiled_e2e"] = 1000 / res["compiled_e2e_compiled_vae_ms"]
     print(family, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
     rows.clear()
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
-    comfy.model_management.soft_empty_cache()
+    free_models()
     return res
 
 
@@ -438,29 +356,12 @@ def write_reports(results: dict, out: Path):
         pass
 
 
-def inprocess_bars(ax, results: dict, fam: str, fontsize: int | None = None) -> None:
-    """One family's batch-1 bars (to latents, to a decoded image; ours, ComfyUI native, diffusers) on ``ax``."""
-    r = results[fam]["rows"]["batch1"]
-    labels = ["LCM fast", "LCM ordinary", "ComfyUI native", "diffusers"]
-    lat = [r["lcm_fast_latents_ms"], r["lcm_ordinary_latents_ms"], r["comfy_native_latents_ms"], r["diffusers_latents_ms"]]
-    dec = [r["lcm_fast_decoded_ms"], r["lcm_ordinary_decoded_ms"], r["comfy_native_decoded_ms"], r["diffusers_decoded_ms"]]
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], lat, 0.4, label="to latents")
-    ax.bar([x + 0.2 for x in xs], dec, 0.4, label="to decoded image")
-    ax.set_xticks(list(xs), labels, fontsize=fontsize)
-    ax.set_ylabel("ms, in-process (lower is better)")
-    ax.set_title(f"{fam.upper()} {'512' if fam == 'sd15' else '1024'}px, 4 steps, batch 1\n{results['card']}", fontsize=fontsize and fontsize + 1)
-    ax.legend(fontsize=fontsize)
-
-
 def cpu_smoke(comfy_path: str) -> int:
     print("No CUDA GPU: timings are for GPUs only. Running a small correctness smoke on the CPU instead.")
     boot_comfy(comfy_path, cpu=True)
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(320,), down_block_types=("CrossAttnDownBlock2D",),
-                                up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, cross_attention_dim=768,
-                                attention_head_dim=8, time_cond_proj_dim=256)
+    unet = UNet2DConditionModel(**tiny_unet_config("sd15"))
     model = pack("lcm_comfy.loading").load_lcm_unet_state_dict(dict(unet.state_dict()), "smoke", "fp32")
     pos = [[torch.randn(1, 77, 768), {}]]
     a, _ = sample(model, pos, None, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 8.0, fast=True)
@@ -480,10 +381,7 @@ def main(argv=None) -> int:
                    "and VAE decoder, end to end, with compile times and deviations; writes results_compile.json")
     args = p.parse_args(argv)
     if args.comfyui is None:
-        sys.path.append(str(REPO))
-        from lcm_tools.locate import find_comfyui
-
-        args.comfyui = str(find_comfyui()[0])
+        args.comfyui = default_comfyui()
     if not torch.cuda.is_available():
         return cpu_smoke(args.comfyui)
     boot_comfy(args.comfyui, cpu=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lcm import boot_comfy, comfy_conds, load_unet, pack, sample, unet_config  # noqa: E402
+from common import boot_comfy, comfy_conds, load_unet, pack, sample, unet_config  # noqa: E402
 
 
 def replay_ms(fn, *args, reps: int = 20):
@@ -102,7 +102,6 @@ def main() -> int:
     from diffusers import UNet2DConditionModel
 
     fastpath = pack("lcm_comfy.fastpath")
-    sampler = pack("lcm_comfy.sampler")
 
     released = []
     orig_release = fastpath.release_graphs
@@ -164,14 +163,15 @@ def main() -> int:
             print(f"  {n:3d}  {k}")
 
     no_prefetch = lambda guider, device: None  # noqa: E731
-    prefetch = sampler.inputs_to_device
+    run = pack("lcm_comfy.run")  # the module whose loop calls inputs_to_device
+    prefetch = run.inputs_to_device
     with torch.inference_mode():
         timings("native", native_run)
-        sampler.inputs_to_device = no_prefetch
+        run.inputs_to_device = no_prefetch
         timings("ours-eager, conds left on the CPU", lambda: ours(False))
         timings("ours-fast, conds left on the CPU", lambda: ours(True))
         sync_points("ours-fast, conds left on the CPU", lambda: ours(True))
-        sampler.inputs_to_device = prefetch
+        run.inputs_to_device = prefetch
         timings("ours-eager", lambda: ours(False))
         timings("ours-fast", lambda: ours(True))
         sync_points("native", native_run)

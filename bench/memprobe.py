@@ -1,8 +1,9 @@
 """Where does a ComfyUI server's memory go over many LCM prompts? (issue #6 investigation; CPU, tiny models)
 
-Starts a real ComfyUI server (``--cpu``) with this pack and the test suite's tiny models, runs warm-up
-prompts, then takes a snapshot (Python allocations by line via tracemalloc, live torch tensors by shape,
-gc object counts by type, RSS) after every block of prompts, and prints what grew.
+Starts a real ComfyUI server (``--cpu``) with this pack and the quickstart's tiny smoke models
+(``lcm_tools.smoke``: built once into the pack's cache, about 500 MB), runs warm-up prompts, then takes a
+snapshot (Python allocations by line via tracemalloc, live torch tensors by shape, gc object counts by type, RSS)
+after every block of prompts, and prints what grew.
 
     python bench/memprobe.py [--blocks 3] [--per-block 25]
 """
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.append(str(REPO))
+LDM_UNET = "ldm-unet.safetensors"  # the smoke UNet in ComfyUI's layout, for the native run's UNETLoader
 
 HOOK = textwrap.dedent('''
     import gc, json, os, signal, sys, tracemalloc, collections
@@ -50,24 +52,56 @@ HOOK = textwrap.dedent('''
 ''')
 
 
-def native_prompt(seed: int, lora: bool = False, prefix: str = "nat") -> dict:
-    """The memory test's alternation with ComfyUI's own nodes: UNETLoader or LoraLoader as node 1, KSampler lcm."""
-    from test_http import TINY
+def build_models(comfy: Path, models: Path) -> None:
+    """The quickstart's smoke models (built once into the pack's cache) linked into ``models``, plus their UNet
+    alone in ComfyUI's layout without the guidance embedding, for the native run's UNETLoader."""
+    from safetensors.torch import load_file, save_file
 
-    p = {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY["ckpt"]}},
+    from lcm_tools.smoke import NAMES, ensure_models
+
+    smoke = ensure_models(comfy)
+    for kind, folder in (("ckpt", "checkpoints"), ("unet", "diffusion_models"), ("lora", "loras")):
+        link = models / folder / NAMES[kind]
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(smoke / folder / NAMES[kind])
+    prefix = "model.diffusion_model."
+    ckpt = load_file(str(smoke / "checkpoints" / NAMES["ckpt"]))
+    save_file({k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}, str(models / "diffusion_models" / LDM_UNET))
+
+
+def _latent_prompt(seed: int, prefix: str, model: dict, sampler: str, sampler_inputs: dict) -> dict:
+    """1 step to a SaveLatent at 64x64 on the smoke checkpoint's CLIP: ``model`` is node 1, node 3 a ``sampler``."""
+    from lcm_tools.smoke import NAMES
+
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": NAMES["ckpt"]}},
+        "1": model,
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "3": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["6", 0], "negative": ["6", 0], "latent_image": ["5", 0],
-                                                   "seed": seed, "steps": 1, "cfg": 1.0, "sampler_name": "lcm", "scheduler": "sgm_uniform",
-                                                   "denoise": 1.0}},
+        "3": {"class_type": sampler, "inputs": {"model": ["1", 0], "positive": ["6", 0], "latent_image": ["5", 0], "seed": seed,
+                                                "steps": 1, **sampler_inputs}},
         "9": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": f"{prefix}/s{seed}"}},
     }
-    if lora:
-        p["1"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name": TINY["lora"], "strength_model": 1.0}}
-    else:
-        p["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "ldm-unet.safetensors", "weight_dtype": "default"}}
-    return p
+
+
+def lcm_prompt(seed: int, lora: bool = False, prefix: str = "lcm") -> dict:
+    """Our nodes: LCM Apply LoRA on the checkpoint's UNet (guidance 1) or LCM Load UNet (guidance 8), LCM Sampler."""
+    from lcm_tools.smoke import NAMES
+
+    model = ({"class_type": "LCMApplyLoRA", "inputs": {"model": ["4", 0], "lora_name": NAMES["lora"], "strength": 1.0}} if lora
+             else {"class_type": "LCMLoadUNet", "inputs": {"unet_name": NAMES["unet"], "weight_dtype": "fp32"}})
+    return _latent_prompt(seed, prefix, model, "LCMSampler", {"guidance_scale": 1.0 if lora else 8.0, "timesteps": ""})
+
+
+def native_prompt(seed: int, lora: bool = False, prefix: str = "nat") -> dict:
+    """The same alternation with ComfyUI's own nodes: LoraLoaderModelOnly or UNETLoader, KSampler lcm."""
+    from lcm_tools.smoke import NAMES
+
+    model = ({"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name": NAMES["lora"], "strength_model": 1.0}} if lora
+             else {"class_type": "UNETLoader", "inputs": {"unet_name": LDM_UNET, "weight_dtype": "default"}})
+    return _latent_prompt(seed, prefix, model, "KSampler", {"negative": ["6", 0], "cfg": 1.0, "sampler_name": "lcm",
+                                                            "scheduler": "sgm_uniform", "denoise": 1.0})
 
 
 def main() -> int:
@@ -79,42 +113,32 @@ def main() -> int:
     p.add_argument("--native", action="store_true",
                    help="control run: the same alternation with ComfyUI's own nodes only (UNETLoader / LoraLoader + KSampler lcm)")
     args = p.parse_args()
-    from comfy_harness import find_comfyui, make_base_dir
-    from models import diffusers_unet_to_ldm, random_lora, save_unet, tiny_sd15_checkpoint, tiny_sd15_unet
-    from safetensors.torch import save_file
-    from test_http import TINY
-    from test_reliability import latent_prompt, server_process
-
     from lcm_tools.client import ComfyClient
+    from lcm_tools.locate import find_comfyui
     from lcm_tools.server import LocalComfy
 
     path, _ = find_comfyui()
-    sys.path.insert(0, str(path))  # the tiny checkpoint is written with ComfyUI's key maps
     work = Path(tempfile.mkdtemp(prefix="memprobe-"))
-    base = make_base_dir(work / "base")
-    models = base / "models"
-    tiny_sd15_checkpoint(models / "checkpoints" / TINY["ckpt"])
-    save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=5), models / "diffusion_models" / TINY["unet"])
-    save_file(random_lora(tiny_sd15_unet(time_cond_proj_dim=None, seed=21), "kohya"), str(models / "loras" / TINY["lora"]))
-    save_file({k: v.contiguous() for k, v in diffusers_unet_to_ldm(tiny_sd15_unet(time_cond_proj_dim=None, seed=5)).items()},
-              str(models / "diffusion_models" / "ldm-unet.safetensors"))
-    make_prompt = native_prompt if args.native else latent_prompt
+    base = work / "base"
+    for sub in ("custom_nodes", "input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    build_models(path, base / "models")
+    make_prompt = native_prompt if args.native else lcm_prompt
     hook_dir = work / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(HOOK)
     snaps = work / "snaps"
     snaps.mkdir()
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")])
-    os.environ["MEMPROBE_OUT"] = str(snaps)
+    env = {"PYTHONPATH": os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")]), "MEMPROBE_OUT": str(snaps)}
     if args.no_trace:
-        os.environ["MEMPROBE_FRAMES"] = "0"
-    with LocalComfy(path, base_directory=base, cpu=True, log_path=work / "server.log") as url:
+        env["MEMPROBE_FRAMES"] = "0"
+    server = LocalComfy(path, base_directory=base, cpu=True, env=env, log_path=work / "server.log")
+    with server as url:
         client = ComfyClient(url)
-        proc = server_process(url)
 
         def snapshot():
             before = len(list(snaps.glob("*.json")))
-            os.kill(proc.pid, signal.SIGUSR1)
+            os.kill(server.proc.pid, signal.SIGUSR1)
             while len(list(snaps.glob("*.json"))) == before:
                 time.sleep(0.2)
             time.sleep(0.5)

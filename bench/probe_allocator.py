@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lcm import boot_comfy, full_size_parts, pack, sample  # noqa: E402
+from common import boot_comfy, full_size_parts, pack, sample  # noqa: E402
 
 
 def main() -> int:

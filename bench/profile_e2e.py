@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lcm import boot_comfy, full_size_parts, pack, sample  # noqa: E402
+from common import boot_comfy, free_models, full_size_parts, pack, sample  # noqa: E402
 
 
 def busy_and_gaps(events: list[dict], start_us: float, end_us: float, min_gap_us: float = 300.0):
@@ -100,10 +100,7 @@ def profile_family(family: str, out: Path) -> dict:
                       for g0, g1 in gaps],
     }
     print(json.dumps(result), flush=True)
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
-    comfy.model_management.soft_empty_cache()
+    free_models()
     return result
 
 
