@@ -11,15 +11,50 @@ from typing import Any
 import torch
 
 from ..lcm_core.errors import LCMInputError
+from ..lcm_core.unet_format import SD15, SDXL
+
+# ComfyUI's model config class names (comfy/supported_models.py) as the pack's messages spell the families.
+FAMILY_NAMES = {
+    "SD15": SD15, "SDXL": SDXL, "SSD1B": "SSD-1B", "SD20": "SD2.x", "SDXLRefiner": "SDXL Refiner",
+    "Segmind_Vega": "Segmind Vega", "KOALA_700M": "KOALA-700M", "KOALA_1B": "KOALA-1B",
+}
+
+# The largest LATENT the samplers take, checked before anything is allocated for it. These are ComfyUI's own
+# limits for an Empty Latent Image (nodes.py: width and height up to MAX_RESOLUTION = 16384 px, batch_size up to
+# 4096): the latent pixels (batch x height x width) of one 16384 x 16384 px image at the 8x downscale of the
+# SD1.5/SDXL VAEs, however a batch shares them, and at most 4096 latents. SDXL at 1024 x 1024 px, batch 8, is 1/32
+# of the pixel limit; a 16384 x 16384 px batch of 64 is 64 times over it.
+MAX_LATENT_PIXELS = 2048 * 2048
+MAX_LATENT_BATCH = 4096
 
 
 def model_family(model) -> str:
-    """The ComfyUI model config's class name (``SD15``, ``SDXL``, ``SSD1B``, ...), for messages."""
-    return type(model.model.model_config).__name__
+    """The MODEL's family as messages name it (``SD1.5``, ``SDXL``, ``SSD-1B``, ...), from ComfyUI's model config."""
+    name = type(model.model.model_config).__name__
+    return FAMILY_NAMES.get(name, name)
+
+
+def check_latent_size(shape: tuple[int, ...]) -> None:
+    """LCMInputError unless a [batch, channels, height, width] LATENT is within :data:`MAX_LATENT_BATCH` and
+    :data:`MAX_LATENT_PIXELS`; reads the shape only."""
+    batch, _, height, width = shape
+    if batch > MAX_LATENT_BATCH:
+        raise LCMInputError(
+            f"latent_image has a batch of {batch} latents; the samplers take at most {MAX_LATENT_BATCH} (Empty Latent "
+            "Image's largest batch_size): lower batch_size, or queue the batch in parts."
+        )
+    pixels = batch * height * width
+    if pixels > MAX_LATENT_PIXELS:
+        raise LCMInputError(
+            f"latent_image is too large: {batch} latent(s) of {width} x {height} (width x height) is {pixels:,} latent "
+            f"pixels; the samplers take at most {MAX_LATENT_PIXELS:,} (one 16384 x 16384 px image, ComfyUI's largest "
+            "Empty Latent Image, however a batch shares them): lower the width, height or batch_size, or queue the batch "
+            "in parts."
+        )
 
 
 def check_latent(latent: Any, model) -> torch.Tensor:
-    """The LATENT's samples, or LCMInputError naming what is wrong (shape, channels, NaN/Inf) and the fix."""
+    """The LATENT's samples, or LCMInputError naming what is wrong (shape, size, channels, NaN/Inf) and the fix."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise LCMInputError("latent_image is not a LATENT ({'samples': tensor}): connect Empty Latent Image or VAE Encode.")
     samples = latent["samples"]
@@ -27,6 +62,7 @@ def check_latent(latent: Any, model) -> torch.Tensor:
         raise LCMInputError(f"latent_image has shape {tuple(samples.shape)}; an image latent is 4-D [batch, channels, h, w].")
     if samples.shape[0] < 1 or samples.shape[2] < 1 or samples.shape[3] < 1:
         raise LCMInputError(f"latent_image has an empty dimension: shape {tuple(samples.shape)}.")
+    check_latent_size(tuple(samples.shape))  # before the checks below read (and allocate for) every value
     channels = model.get_model_object("latent_format").latent_channels
     if samples.shape[1] != channels and torch.count_nonzero(samples) > 0:
         raise LCMInputError(

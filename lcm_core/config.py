@@ -21,10 +21,11 @@ from .step import DEFAULT_GAMMA, check_gamma
 MAX_GUIDANCE = 100.0
 
 
-def check_guidance(value: object, hint: str) -> float:
-    """``value`` as a float in [0, MAX_GUIDANCE], else LCMInputError naming it, the range and ``hint`` (typical values)."""
+def check_guidance(value: object, hint: str, name: str = "guidance_scale") -> float:
+    """``value`` as a finite float in [0, MAX_GUIDANCE], else LCMInputError naming the input ``name``, the value, the
+    range and ``hint`` (typical values)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= MAX_GUIDANCE:
-        raise LCMInputError(f"guidance_scale={value!r} is out of range: use 0 to {MAX_GUIDANCE:g} ({hint}).")
+        raise LCMInputError(f"{name}={value!r} is out of range: use a finite number from 0 to {MAX_GUIDANCE:g} ({hint}).")
     return float(value)
 
 

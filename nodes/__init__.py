@@ -1,4 +1,10 @@
-"""ComfyUI node classes of LCM Nodes (V3 API). Thin shells: all work happens in ``lcm_core``."""
+"""ComfyUI node classes of LCM Nodes (V3 API).
+
+Thin shells: each declares its inputs (the category and the inputs the samplers share come from :mod:`.common`)
+and hands the values to ``lcm_comfy``, the ComfyUI adapter, which does the work through ComfyUI's machinery
+(finding and loading files, LoRA patching, sampling, decoding, saving) with the maths and file formats of
+``lcm_core``. No node keeps state or changes its inputs.
+"""
 
 from __future__ import annotations
 

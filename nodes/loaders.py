@@ -2,61 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
-import folder_paths
 from comfy_api.latest import io
 
-from ..lcm_core.errors import LCMInputError
-
-DIFFUSERS_PREFIX = "diffusers/"
-CATEGORY = "sampling/lcm"
-
-
-def _safe_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not name:
-        raise LCMInputError(f"{what} is empty: pick a file from the list.")
-    norm = name.replace("\\", "/")
-    if os.path.isabs(name) or norm.startswith("/") or ".." in norm.split("/"):
-        raise LCMInputError(f"{what} {name!r} leaves ComfyUI's model folders; pick a file from the list (absolute paths and '..' are refused).")
-    return name
-
-
-def diffusers_unet_folders() -> list[str]:
-    """Diffusers model folders (with a UNet) under ComfyUI's ``diffusers`` model folders."""
-    names = []
-    for root in folder_paths.get_folder_paths("diffusers"):
-        if not os.path.isdir(root):
-            continue
-        for entry in sorted(os.listdir(root)):
-            path = os.path.join(root, entry)
-            for sub in (os.path.join(path, "unet"), path):
-                if any(os.path.isfile(os.path.join(sub, f)) for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")):
-                    names.append(DIFFUSERS_PREFIX + entry)
-                    break
-    return names
-
-
-def unet_choices() -> list[str]:
-    files = [f for f in folder_paths.get_filename_list("diffusion_models") if f.lower().endswith(".safetensors")]
-    return files + diffusers_unet_folders()
-
-
-def resolve_unet(name: str) -> str:
-    _safe_name(name, "unet_name")
-    if name.startswith(DIFFUSERS_PREFIX):
-        folder = name[len(DIFFUSERS_PREFIX):]
-        for root in folder_paths.get_folder_paths("diffusers"):
-            path = os.path.join(root, folder)
-            if os.path.isdir(path):
-                return path
-        raise LCMInputError(f"diffusers folder {folder!r} was not found under {folder_paths.get_folder_paths('diffusers')}.")
-    return folder_paths.get_full_path_or_raise("diffusion_models", name)
+from ..lcm_core.config import MAX_GUIDANCE
+from ..lcm_core.weights import DIFFUSERS_CONFIG_NAME
+from .common import CATEGORY
 
 
 class LCMLoadUNet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..lcm_comfy.loading import WEIGHT_DTYPES, unet_choices
+
         return io.Schema(
             node_id="LCMLoadUNet",
             display_name="Load LCM UNet",
@@ -68,17 +25,17 @@ class LCMLoadUNet(io.ComfyNode):
                     "unet_name",
                     options=unet_choices(),
                     tooltip="A .safetensors UNet in models/diffusion_models (or models/unet), or a diffusers model folder "
-                    "in models/diffusers (shown as diffusers/<name>). fp16 variants and files without config.json load too.",
+                    f"in models/diffusers (shown as diffusers/<name>). fp16 variants and files without {DIFFUSERS_CONFIG_NAME} load too.",
                 ),
                 io.Combo.Input(
                     "weight_dtype",
-                    options=["default", "fp16", "bf16", "fp32"],
+                    options=list(WEIGHT_DTYPES),
                     default="default",
                     tooltip="Weight precision. 'default' lets ComfyUI choose for your device (fp16 on most GPUs, fp32 on CPU).",
                 ),
                 io.Float.Input(
                     "default_guidance",
-                    default=8.0, min=0.0, max=100.0, step=0.1, optional=True,
+                    default=8.0, min=0.0, max=MAX_GUIDANCE, step=0.1, optional=True,
                     tooltip="Guidance scale fed to the UNet's guidance embedding when a sampler other than LCM Sampler "
                     "(e.g. KSampler) runs this model. LCM Sampler uses its own guidance_scale.",
                 ),
@@ -92,13 +49,14 @@ class LCMLoadUNet(io.ComfyNode):
     def execute(cls, unet_name: str, weight_dtype: str = "default", default_guidance: float = 8.0) -> io.NodeOutput:
         from ..lcm_comfy import loading
 
-        path = resolve_unet(unet_name)
-        return io.NodeOutput(loading.load_lcm_unet(path, weight_dtype, default_guidance))
+        return io.NodeOutput(loading.load_lcm_unet(loading.resolve_unet(unet_name), weight_dtype, default_guidance))
 
 
 class LCMApplyLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from ..lcm_comfy.loading import lora_choices
+
         return io.Schema(
             node_id="LCMApplyLoRA",
             display_name="Apply LCM-LoRA",
@@ -109,7 +67,7 @@ class LCMApplyLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="The base model (SD1.5, SDXL, SSD-1B...). It is not changed; a patched copy is returned."),
                 io.Combo.Input(
                     "lora_name",
-                    options=[f for f in folder_paths.get_filename_list("loras") if f.lower().endswith(".safetensors")],
+                    options=lora_choices(),
                     tooltip="An LCM-LoRA in models/loras, e.g. lcm-lora-sdxl.safetensors for SDXL or lcm-lora-sdv1-5.safetensors for SD1.5.",
                 ),
                 io.Float.Input(
@@ -128,9 +86,7 @@ class LCMApplyLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float = 1.0, allow_partial: bool = False) -> io.NodeOutput:
-        from ..lcm_comfy import lora_patch
+        from ..lcm_comfy import loading, lora_patch
 
-        _safe_name(lora_name, "lora_name")
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        patched, _report = lora_patch.apply_lcm_lora(model, path, strength, allow_partial)
+        patched, _report = lora_patch.apply_lcm_lora(model, loading.resolve_lora(lora_name), strength, allow_partial)
         return io.NodeOutput(patched)

@@ -5,49 +5,18 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..lcm_core.config import SamplingConfig
-from ..lcm_core.graphs import KEEP_GRAPHS_MODES
 from ..lcm_core.schedule import MAX_STEPS, STRENGTH_MODES, parse_timesteps
-
-CATEGORY = "sampling/lcm"
-
-
-def keep_graphs_input():
-    # Appended after every other input: saved UI workflows list widget values by position, so new widgets go last.
-    return io.Combo.Input(
-        "keep_graphs", options=list(KEEP_GRAPHS_MODES), default=KEEP_GRAPHS_MODES[0], optional=True,
-        tooltip="GPU fast path: what happens to the captured graphs (about 260 MiB of GPU memory) after this run. "
-        "'while queued': kept while more prompts wait in the queue, so a queue pays the capture once and an idle "
-        "ComfyUI holds nothing. 'always': kept while the model stays loaded (fastest for one prompt at a time). "
-        "'never': freed after every run. ComfyUI unloading the model or GPU memory running short frees them anyway.",
-    )
-
-
-def fast_input():
-    return io.Boolean.Input(
-        "fast", default=True, optional=True,
-        tooltip="GPU fast path: replay the UNet as a CUDA graph (same result, much less overhead). It turns itself "
-        "off where that is unsafe (CPU, ControlNet, attention patches, model partly offloaded). Off: ordinary path.",
-    )
-
-
-def timesteps_input():
-    return io.String.Input(
-        "timesteps", default="", optional=True,
-        tooltip="Custom timesteps, descending and comma-separated (e.g. '999, 759, 499, 259'); overrides steps when set.",
-    )
-
-
-def compile_input():
-    # issue #12: appended last (after keep_graphs), for the same reason.
-    return io.Boolean.Input(
-        "compile", default=False, optional=True,
-        tooltip="Faster kernels (GPU fast path only): the UNet compiled with torch.compile inside the CUDA graph, about "
-        "25% faster per step. The first run of each model, size and batch compiles (SDXL on an H200: about 85 s, 30 s "
-        "when the disk cache has it). Needs ComfyUI started with --disable-cuda-malloc (otherwise it logs why and runs "
-        "exact). Results differ from the exact path by rounding (see the README). Off: the exact kernels, the same "
-        "latents as diffusers' pipeline.",
-    )
-
+from .common import (
+    CATEGORY,
+    compile_input,
+    fast_input,
+    guidance_input,
+    keep_graphs_input,
+    original_inference_steps_input,
+    seed_input,
+    steps_input,
+    timesteps_input,
+)
 
 TXT2IMG_LATENT = "An Empty Latent Image: its width and height are the picture's size. (For image-to-image use LCM Img2Img.)"
 IMG2IMG_LATENT = ("The input picture as a latent: Load Image -> VAE Encode, with the VAE of the same checkpoint. Its size is "
@@ -64,19 +33,14 @@ def _common_inputs(latent_tooltip: str) -> list:
             "guidance embedding). LCM UNets (lcm-sdxl, LCM_Dreamshaper) ignore it: their guidance is built in.",
         ),
         io.Latent.Input("latent_image", tooltip=latent_tooltip),
-        io.Int.Input(
-            "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-            tooltip="Noise seed. The same seed gives the same image as diffusers with torch.Generator('cpu').manual_seed(seed).",
-        ),
-        io.Int.Input("steps", default=4, min=1, max=MAX_STEPS, tooltip="LCM steps: 2-8 (4 is typical)."),
-        io.Float.Input(
-            "guidance_scale", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-            tooltip="LCM UNet: drives its guidance embedding (8.0 recommended; the negative prompt has no effect). "
+        seed_input("Noise seed. The same seed gives the same image as diffusers with torch.Generator('cpu').manual_seed(seed)."),
+        steps_input("LCM steps: 2-8 (4 is typical).", max_steps=MAX_STEPS),
+        guidance_input(
+            "LCM UNet: drives its guidance embedding (8.0 recommended; the negative prompt has no effect). "
             "LCM-LoRA: <= 1 means no guidance (fastest), 1.0-2.0 is classifier-free guidance with the negative prompt.",
         ),
-        io.Int.Input(
-            "original_inference_steps", default=50, min=1, max=1000, optional=True,
-            tooltip="Length of the LCM distillation schedule the timesteps are picked from (50 for every public LCM).",
+        original_inference_steps_input(
+            "Length of the LCM distillation schedule the timesteps are picked from (50 for every public LCM).",
         ),
         timesteps_input(),
         io.Float.Input(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-CATEGORY = "sampling/lcm"
+from .common import CATEGORY
 
 
 class LCMSaveImage(io.ComfyNode):

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..lcm_core.config import TCDConfig
 from ..lcm_core.schedule import parse_timesteps
-from ..lcm_core.tcd import DEFAULT_GAMMA, TCDConfig
-from .sampling import CATEGORY, compile_input, fast_input, keep_graphs_input, timesteps_input
+from ..lcm_core.step import DEFAULT_GAMMA
+from .common import (
+    CATEGORY,
+    compile_input,
+    fast_input,
+    guidance_input,
+    keep_graphs_input,
+    original_inference_steps_input,
+    seed_input,
+    steps_input,
+    timesteps_input,
+)
+
+# TCD picks its steps from original_inference_steps entries (at most 1000, the training schedule's length).
+TCD_MAX_STEPS = 1000
 
 
 class TCDSampler(io.ComfyNode):
@@ -34,18 +48,16 @@ class TCDSampler(io.ComfyNode):
                     "latent_image",
                     tooltip="Empty Latent Image for text-to-image; VAE Encode of the input image for img2img (strength < 1).",
                 ),
-                io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                    tooltip="Noise seed (initial and per-step noise). The same seed gives the same image as diffusers with "
+                seed_input(
+                    "Noise seed (initial and per-step noise). The same seed gives the same image as diffusers with "
                     "torch.Generator('cpu').manual_seed(seed).",
                 ),
-                io.Int.Input(
-                    "steps", default=4, min=1, max=1000,
-                    tooltip="TCD steps, at most original_inference_steps: 4 is typical; more steps want a lower gamma.",
+                steps_input(
+                    "TCD steps, at most original_inference_steps: 4 is typical; more steps want a lower gamma.",
+                    max_steps=TCD_MAX_STEPS,
                 ),
-                io.Float.Input(
-                    "guidance_scale", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                    tooltip="<= 1 is no guidance (as TCD-LoRAs are usually run, fastest); > 1 is classifier-free guidance with "
+                guidance_input(
+                    "<= 1 is no guidance (as TCD-LoRAs are usually run, fastest); > 1 is classifier-free guidance with "
                     "the negative prompt, as diffusers' pipelines.",
                 ),
                 io.Float.Input(
@@ -53,9 +65,8 @@ class TCDSampler(io.ComfyNode):
                     tooltip="Stochasticity (diffusers' eta in TCDScheduler.step): 0 is deterministic, 1 re-noises fully as LCM "
                     "does. 0.3 at 4 steps; use a lower gamma for more steps.",
                 ),
-                io.Int.Input(
-                    "original_inference_steps", default=50, min=1, max=1000, optional=True,
-                    tooltip="Length of the TCD distillation schedule the steps are picked from (50, as TCDScheduler's default).",
+                original_inference_steps_input(
+                    "Length of the TCD distillation schedule the steps are picked from (50, as TCDScheduler's default).",
                 ),
                 timesteps_input(),
                 io.Float.Input(

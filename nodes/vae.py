@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-CATEGORY = "sampling/lcm"
+from .common import CATEGORY
 
 
 class LCMVAEDecode(io.ComfyNode):

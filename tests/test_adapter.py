@@ -232,7 +232,7 @@ def test_concurrent_runs_on_one_model_equal_serial_runs(pack, runner, chain_file
 
 def test_sampling_config_refuses_bad_values_before_model_work(pack):
     core = pack.core
-    with pytest.raises(core.LCMInputError, match=r"guidance_scale=nan is out of range: use 0 to 100"):
+    with pytest.raises(core.LCMInputError, match=r"guidance_scale=nan is out of range: use a finite number from 0 to 100"):
         core.SamplingConfig(seed=1, guidance_scale=float("nan"))
     with pytest.raises(core.LCMInputError, match=r"seed=-1 is out of range"):
         core.SamplingConfig(seed=-1)

@@ -143,12 +143,38 @@ assert not heavy, heavy
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_model_names_outside_model_folders_are_refused(comfy):
-    # ComfyUI imports the pack under a path-derived module name: find its loaders module
-    mod = next((m for name, m in sys.modules.items() if name.endswith("nodes.loaders") and hasattr(m, "_safe_name")), None)
-    assert mod is not None
-    for bad in ("../x.safetensors", "/abs/x.safetensors", "a/../../x.safetensors", "..\\x.safetensors"):
-        with pytest.raises(Exception) as e:
-            mod._safe_name(bad, "unet_name")
-        assert "leaves ComfyUI's model folders" in str(e.value)
-        assert type(e.value).__name__ == "LCMInputError"
+def test_model_names_outside_model_folders_are_refused(pack):
+    for bad in ("../x.safetensors", "/abs/x.safetensors", "a/../../x.safetensors", "..\\x.safetensors", ""):
+        with pytest.raises(pack.core.LCMInputError) as e:
+            pack.comfy.loading.safe_name(bad, "unet_name")
+        assert "leaves ComfyUI's model folders" in str(e.value) or "unet_name is empty" in str(e.value)
+    for bad in ("../x.safetensors", "/etc/passwd"):  # what the nodes call, for both file inputs
+        with pytest.raises(pack.core.LCMInputError, match="leaves ComfyUI's model folders"):
+            pack.comfy.loading.resolve_unet(bad)
+        with pytest.raises(pack.core.LCMInputError, match="lora_name .* leaves ComfyUI's model folders"):
+            pack.comfy.loading.resolve_lora(bad)
+
+
+@FAST
+@given(value=anything)
+def test_default_guidance_check(pack, value):
+    try:
+        v = pack.comfy.loading.check_default_guidance(value)
+    except pack.core.LCMInputError as exc:
+        assert str(exc).startswith(f"default_guidance={value!r} is out of range")
+        return
+    assert isinstance(v, float) and math.isfinite(v) and 0.0 <= v <= 100.0
+
+
+@FAST
+@given(shape=st.tuples(st.integers(1, 10**5), st.integers(1, 16), st.integers(1, 10**5), st.integers(1, 10**5)))
+def test_latent_size_check(pack, shape):
+    checks = pack.comfy.checks
+    try:
+        checks.check_latent_size(shape)
+    except pack.core.LCMInputError as exc:
+        msg = str(exc)
+        assert msg.startswith("latent_image ") and (f"at most {checks.MAX_LATENT_BATCH} " in msg or f"at most {checks.MAX_LATENT_PIXELS:,} " in msg)
+        assert shape[0] > checks.MAX_LATENT_BATCH or shape[0] * shape[2] * shape[3] > checks.MAX_LATENT_PIXELS
+        return
+    assert shape[0] <= checks.MAX_LATENT_BATCH and shape[0] * shape[2] * shape[3] <= checks.MAX_LATENT_PIXELS
