@@ -57,10 +57,6 @@ class LoRAModule:
     dora_scale: torch.Tensor | None = None
     source_keys: list[str] = field(default_factory=list)
 
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0]) if self.down is not None else 0
-
     def delta_shape(self) -> tuple[int, int]:
         """(out_features, in_features) of the weight this module changes."""
         assert self.down is not None and self.up is not None
