@@ -158,6 +158,7 @@ def run_stats(clone, timesteps, started: float) -> SamplingStats:
 # ------------------------------------------------------------------------------------------ the loop
 
 
+@torch.no_grad()  # as ComfyUI's own samplers: a library call outside inference mode records no autograd history
 def consistency_loop(model, x, sigmas, extra_args=None, callback=None, disable=None, noise: SeededNoise | None = None,
                      from_image: bool = False, timesteps: tuple[int, ...] = (), alphas_cumprod: torch.Tensor | None = None,
                      method: LoopMethod | None = None):

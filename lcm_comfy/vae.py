@@ -94,11 +94,17 @@ def decode(vae, samples: dict, compile: bool = True, node_id: str | None = None,
     """LCM VAE Decode: the IMAGE VAEDecode gives for ``samples``, decoded by a compiled decoder where that is safe.
 
     ``stats``, when given, receives ``path`` ("compiled" or "comfy"), ``why`` (the fallback's reason) and, after a
-    compile, ``compile_seconds``.
+    compile, ``compile_seconds``. The IMAGE carries no autograd history on any path: ComfyUI's ``vae.decode`` records
+    one when called outside its executor's inference mode (a library call), and on weights ComfyUI loaded under
+    that mode recording fails ("Inference tensors cannot be saved for backward").
     """
+    with torch.no_grad():
+        return _decode(vae, samples, compile, node_id, {} if stats is None else stats)
+
+
+def _decode(vae, samples: dict, compile: bool, node_id: str | None, stats: dict) -> torch.Tensor:
     import comfy.model_management as mm
 
-    stats = {} if stats is None else stats
     if not isinstance(samples, dict) or not isinstance(samples.get("samples"), torch.Tensor):
         raise LCMInputError("samples is not a LATENT ({'samples': tensor}): connect a sampler's LATENT output.")
     if vae is None or not callable(getattr(vae, "decode", None)):

@@ -127,7 +127,8 @@ def test_ksampler_on_our_model_visits_lcms_timesteps(pack, runner, chain_files, 
     cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)), {}]]
     latent = torch.zeros(1, 4, 8, 8)
     noise = comfy.sample.prepare_noise(latent, 3)
-    out = comfy.sample.sample(m, noise, steps, 1.0, "lcm", "sgm_uniform", cond, cond, latent, disable_pbar=True, seed=3)
+    with torch.inference_mode():  # as ComfyUI's executor runs KSampler (an earlier node run may have loaded the weights so)
+        out = comfy.sample.sample(m, noise, steps, 1.0, "lcm", "sgm_uniform", cond, cond, latent, disable_pbar=True, seed=3)
     assert seen == [float(t) for t in expected]  # exact: the timesteps the UNet is fed are whole numbers
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
     assert pack.core.SamplingConfig(seed=3, steps=steps, guidance_scale=8.0, progress=False).planned == tuple(expected)
@@ -228,6 +229,23 @@ def test_concurrent_runs_on_one_model_equal_serial_runs(pack, runner, chain_file
     assert set(results) == {1, 2}
     assert torch.equal(results[1], serial[1]) and torch.equal(results[2], serial[2])
     assert not torch.equal(serial[1], serial[2])
+
+
+@pytest.mark.parametrize("sampler", ["lcm", "tcd"])
+def test_a_library_call_outside_inference_mode_records_no_autograd_history(pack, runner, chain_files, sampler):
+    """sample() / sample_tcd() called from Python without ComfyUI's inference mode (a script, a test) build no
+    autograd graph: the loop runs under no_grad, as ComfyUI's own samplers do, so no activation is kept alive."""
+    model = runner.run({"1": {"class_type": "LCMLoadUNet", "inputs": {"unet_name": "chain-lcm.safetensors", "weight_dtype": "fp32"}}},
+                       ["1"])["1"][0][0]
+    pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(6)), {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    if sampler == "lcm":
+        out, _ = pack.comfy.sampler.sample(model, pos, None, latent, pack.core.SamplingConfig(seed=1, steps=2, fast=False, progress=False))
+    else:
+        tcd = importlib.import_module(f"{pack.root}.lcm_comfy.tcd")
+        out, _ = tcd.sample_tcd(model, pos, None, latent, pack.core.TCDConfig(seed=1, steps=2, fast=False, progress=False))
+    assert not torch.is_inference_mode_enabled()
+    assert not out["samples"].requires_grad and out["samples"].grad_fn is None
 
 
 def test_sampling_config_refuses_bad_values_before_model_work(pack):

@@ -35,18 +35,21 @@ def _clone(pack, model):
     return pack.comfy.fastpath.sampling_clone(model, ("lcm", 10.0), lambda mc: lcm_sampling(mc, 10.0), True)
 
 
-def test_fast_flag_on_cpu_falls_back_to_the_same_result(pack):
+def test_fast_flag_on_cpu_installs_no_graph_wrapper_and_changes_nothing(pack):
+    """On a CPU ``fast=True`` and ``fast=False`` run the same code: the fast clone gets no graph wrapper at all, so
+    no forward goes through it (neither replayed nor counted as eager). The GPU tests compare the two paths."""
     import comfy.model_management
 
     if comfy.model_management.get_torch_device().type != "cpu":
-        pytest.skip("ComfyUI runs on a GPU here: the fallback case is the CPU one")
+        pytest.skip("ComfyUI runs on a GPU here: the fast path's CPU case needs ComfyUI on the CPU")
 
     model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), "cpu-fast", "fp32")
     pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)), {}]]
     a, stats = _sample(pack, model, pos, True, 8.0)
     b, _ = _sample(pack, model, pos, False, 8.0)
+    assert not _clone(pack, model).model.get_wrappers(pack.comfy.fastpath.DIFFUSION_MODEL, pack.comfy.fastpath.FAST_WRAPPER_KEY)
+    assert stats.graph_calls == 0 and stats.eager_calls == 0, stats
     assert torch.equal(a, b)
-    assert stats.graph_calls == 0  # no CUDA: nothing was captured
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
@@ -71,11 +74,11 @@ def test_tcd_fast_path_equals_ordinary_path_on_gpu(pack, family, cfg, gamma):
     pos = _positive(family, seed=3)
     import importlib
 
-    tcd, comfy_tcd = (importlib.import_module(f"{pack.root}.{name}") for name in ("lcm_core.tcd", "lcm_comfy.tcd"))
+    comfy_tcd = importlib.import_module(f"{pack.root}.lcm_comfy.tcd")
     for batch in (1, 2):
         runs = []
         for fast in (False, True):
-            config = tcd.TCDConfig(seed=11, steps=4, guidance_scale=cfg, gamma=gamma, fast=fast, progress=False)
+            config = pack.core.TCDConfig(seed=11, steps=4, guidance_scale=cfg, gamma=gamma, fast=fast, progress=False)
             out, stats = comfy_tcd.sample_tcd(model, pos, None, {"samples": torch.zeros(batch, 4, 8, 8)}, config)
             runs.append((out["samples"], stats))
         (eager, _), (fast_out, stats) = runs
@@ -124,7 +127,9 @@ def test_conditioning_moves_to_the_sampling_device_without_touching_the_users(pa
         conds = {"positive": [entry], "negative": []}
         inner_model = None
 
-    pack.comfy.sampler.inputs_to_device(Guider(), torch.device("meta"))
+    import importlib
+
+    importlib.import_module(f"{pack.root}.lcm_comfy.run").inputs_to_device(Guider(), torch.device("meta"))
     moved = entry["model_conds"]["c_crossattn"]
     assert moved.cond.device.type == "meta" and moved is not shared
     assert shared.cond is user_cond and user_cond.device.type == "cpu"
@@ -198,8 +203,8 @@ def test_keep_graphs_off_frees_the_graph_memory_after_the_run(pack, capsys):
     assert max(reserved) <= start + (1 << 20), (start >> 20, [r >> 20 for r in reserved])
 
 
-def test_fast_path_steps_aside_for_controlnet_patches_lowvram_and_torch_compile(pack):
-    """Each case the graph capture cannot handle is named, and the run takes the ordinary path."""
+def test_fast_path_blocker_names_each_case_the_capture_cannot_handle(pack):
+    """The predicate alone, on stand-ins: each case is named (real runs of the first three are the GPU test below)."""
     from types import SimpleNamespace
 
     def patcher(lowvram=False, options=None):
@@ -214,6 +219,54 @@ def test_fast_path_steps_aside_for_controlnet_patches_lowvram_and_torch_compile(
     assert "extra model inputs ['mask']" in blocker(patcher(), x, None, {}, {"mask": 1})
     assert "low VRAM" in blocker(patcher(lowvram=True), x, None, {}, {})
     assert "torch.compile" in blocker(patcher(options={"torch_compile_kwargs": {"backend": "inductor"}}), x, None, {}, {})
+
+
+def _tiny_controlnet(model):
+    """A ControlNet shaped like ``model``'s UNet (ComfyUI's own cldm ControlNet, seeded random weights), loaded as
+    ComfyUI's ControlNetLoader loads a file."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = dict(model.model.model_config.unet_config)
+    config.pop("out_channels")
+    shapes = comfy.cldm.cldm.ControlNet(hint_channels=3, device="meta", operations=comfy.ops.disable_weight_init, **config).state_dict()
+    g = torch.Generator().manual_seed(5)
+    sd = {k: torch.randn(v.shape, generator=g) * (v[0].numel() ** -0.5 if v.ndim > 1 else 0.05) for k, v in shapes.items()}
+    return comfy.controlnet.load_controlnet_state_dict(sd)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("case", ["ControlNet", "attention patch", "low VRAM"])
+def test_fast_path_steps_aside_on_gpu_and_gives_the_ordinary_paths_latents(pack, comfy, monkeypatch, case):
+    """Real runs of what the capture cannot handle: a ControlNet attached (ComfyUI's ControlNetApplyAdvanced), an
+    attention patch on the MODEL, the UNet only partly on the GPU (ComfyUI's --novram loading). fast=True replays no
+    graph, runs every step eagerly through the wrapper, says why, and gives fast=False's latents exactly."""
+    import comfy.model_management as mm
+
+    model = pack.comfy.loading.load_lcm_unet_state_dict(dict(tiny_sd15_unet(256).state_dict()), f"aside-{case}", "fp16")
+    pos = _positive("sd15", seed=5)
+    if case == "ControlNet":
+        hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))  # an image at the latent's 8x size
+        pos, _ = comfy.ControlNetApplyAdvanced().apply_controlnet(pos, pos, _tiny_controlnet(model), hint, 0.5, 0.0, 1.0)
+        why = "ControlNet"
+    elif case == "attention patch":
+        model = model.clone()
+        model.set_model_attn1_patch(lambda q, k, v, extra_options: (q * 0.5, k, v))
+        why = "patches"
+    else:
+        mm.unload_all_models()
+        monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)  # weights stay off the GPU, streamed in per layer
+        why = "low VRAM"
+    try:
+        fast, stats = _sample(pack, model, pos, True, 8.0)
+        eager, _ = _sample(pack, model, pos, False, 8.0)
+    finally:
+        if case == "low VRAM":
+            mm.unload_all_models()  # the next test loads its models fully again
+    assert stats.graph_calls == 0 and stats.eager_calls == 4, stats
+    assert why in (stats.fast_path_off or ""), stats.fast_path_off
+    assert fast.isfinite().all() and torch.equal(fast, eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")

@@ -1,13 +1,17 @@
-"""LCM Save Image and LCM VAE Decode on the CPU, in a real ComfyUI v0.8.0, against Save Image and VAE Decode.
+"""LCM Save Image, LCM VAE Decode and the samplers' compile mode in a real ComfyUI v0.8.0, against Save Image,
+VAE Decode and the exact path.
 
 - LCM Save Image writes what Save Image writes: the same file names (``folder_paths.get_save_image_path``), the
   same pixels (SaveImage's own float-to-byte conversion) and the same ``prompt`` / ``workflow`` text chunks, and
   leaves no temporary file behind. Its parallel PNG encoder is checked on its own too: odd sizes, RGBA, every
   compress level, several strips.
-- LCM VAE Decode on a CPU (a tiny KL VAE) takes ComfyUI's decoder (nothing to compile): its IMAGE equals VAE Decode's exactly.
-  Its own one-piece path (the one the compiled decoder runs in, with process_output before the copy) equals VAE
-  Decode exactly when given the eager decoder, which is what makes the GPU's compiled deviation the compiler's
-  alone. The GPU side (compiled decoder, memory fallbacks) is in test_speed_gpu.py.
+- LCM VAE Decode with a VAE on the CPU (ComfyUI's ``--cpu-vae`` placement, on any machine) runs VAE Decode's own
+  code (nothing to compile), says why, and gives VAE Decode's IMAGE exactly. Its one-piece path (the one the
+  compiled decoder runs in, with process_output before the copy) equals VAE Decode exactly when given the eager
+  decoder, on the CPU and, where ComfyUI runs on one, on the GPU: that is what makes the GPU's compiled deviation
+  the compiler's alone. The compiled decoder itself and its memory fallbacks are in test_compile_and_queue_gpu.py.
+- Compile mode's bookkeeping (the decision per run, graph keys, the fallback to exact) with a stand-in for the
+  compiled UNet; on a CPU, where there is no fast path, compile=True runs the exact path's code.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import logging
 import uuid
 
 import numpy as np
@@ -120,52 +125,103 @@ def test_lcm_save_image_writes_what_save_image_writes(runner, comfy_base):
 
 @pytest.fixture(scope="module")
 def vae(comfy):
-    """A tiny KL VAE (ComfyUI's own AutoencoderKL at 32 channels, 8x upscale, seeded random weights)."""
+    """A tiny KL VAE (ComfyUI's own AutoencoderKL at 32 channels, 8x upscale, seeded random weights) on ComfyUI's
+    device: the CPU, or the GPU under LCM_TEST_GPU=1."""
     from models import comfy_kl_vae
 
     return comfy_kl_vae(32)
 
 
-def test_lcm_vae_decode_on_cpu_equals_vae_decode(runner, vae):
+@pytest.fixture(scope="module")
+def cpu_vae(comfy):
+    """The same VAE placed on the CPU whatever device ComfyUI runs on, as ComfyUI's ``--cpu-vae`` places it."""
+    import comfy.model_management
+    from models import comfy_kl_vae
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(comfy.model_management.args, "cpu_vae", True)
+        vae = comfy_kl_vae(32)
+    assert vae.device.type == "cpu"
+    return vae
+
+
+def test_lcm_vae_decode_of_a_cpu_vae_runs_vae_decodes_code(runner, cpu_vae, caplog):
+    """Nothing to compile on a CPU: LCM VAE Decode (compile on, its default, and off) takes ComfyUI's decoder, so
+    all three nodes run the same code; the log line is what tells LCM VAE Decode's fallback took place."""
     from test_support_nodes import stash
 
     latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
     prompt = {
-        "1": {"class_type": "LCMTestValue", "inputs": {"key": stash(vae)}},
+        "1": {"class_type": "LCMTestValue", "inputs": {"key": stash(cpu_vae)}},
         "2": {"class_type": "LCMTestValue", "inputs": {"key": stash(latent)}},
         "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}},
         "4": {"class_type": "LCMVAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}},
         "5": {"class_type": "LCMVAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0], "compile": False}},
     }
-    out = runner.run(prompt, ["3", "4", "5"])
+    with caplog.at_level(logging.DEBUG, logger="lcm_nodes"):
+        out = runner.run(prompt, ["3", "4", "5"])
+    assert "ComfyUI's decoder for this decode (the VAE runs on cpu, not a CUDA GPU)" in caplog.text
     ref = out["3"][0][0]
-    assert ref.shape == (2, 64, 64, 3)
+    assert ref.shape == (2, 64, 64, 3) and ref.device.type == "cpu"
     assert torch.equal(out["4"][0][0], ref) and torch.equal(out["5"][0][0], ref)
 
 
-def test_one_piece_decode_path_equals_vae_decode_with_the_eager_decoder(pack, vae):
-    """process_output before the copy, contiguous [b, h, w, c]: the same numbers as VAE Decode's order."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_one_piece_decode_path_equals_vae_decode_with_the_eager_decoder(pack, request, device):
+    """process_output before the copy, contiguous [b, h, w, c]: the same numbers as VAE Decode's order, on either
+    device. Under inference mode, as ComfyUI's executor runs every node: ComfyUI's own ``vae.decode`` (the reference
+    here) records autograd history outside it, which fails on weights an earlier node run loaded onto the GPU."""
+    import comfy.model_management
+
+    if device == "cuda" and comfy.model_management.get_torch_device().type != "cuda":
+        pytest.skip("ComfyUI runs on the CPU here (the GPU case runs under LCM_TEST_GPU=1 on a CUDA machine)")
+    vae = request.getfixturevalue("cpu_vae" if device == "cpu" else "vae")
     vae_mod = module(pack, "lcm_comfy.vae")
     latent = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(2)) * 3
-    ours = vae_mod.decode_direct(vae, latent, decoder=lambda model, z: model.decode(z))
-    ref = vae_mod.comfy_decode(vae, latent)
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([vae.patcher])  # as LCM VAE Decode does before the one-piece path
+        ours = vae_mod.decode_direct(vae, latent, decoder=lambda model, z: model.decode(z))
+        ref = vae_mod.comfy_decode(vae, latent)
+    assert vae.device.type == device
     assert ours.is_contiguous() and ours.device == ref.device
     assert torch.equal(ours, ref)
 
 
-def test_vae_decode_says_why_it_did_not_compile_and_names_bad_inputs(pack, vae):
+def test_vae_decode_says_why_it_did_not_compile_and_names_bad_inputs(pack, cpu_vae):
     vae_mod = module(pack, "lcm_comfy.vae")
     errors = module(pack, "lcm_core.errors")
     latent = torch.zeros(1, 4, 8, 8)
-    assert vae_mod.fast_decode_blocker(vae, latent, False) == "compile is off"
-    assert "not a CUDA GPU" in vae_mod.fast_decode_blocker(vae, latent, True)
+    assert vae_mod.fast_decode_blocker(cpu_vae, latent, False) == "compile is off"
+    assert "not a CUDA GPU" in vae_mod.fast_decode_blocker(cpu_vae, latent, True)
     stats: dict = {}
-    vae_mod.decode(vae, {"samples": latent}, compile=True, stats=stats)
+    vae_mod.decode(cpu_vae, {"samples": latent}, compile=True, stats=stats)
     assert stats["path"] == "comfy" and "not a CUDA GPU" in stats["why"]
     with pytest.raises(errors.LCMInputError, match="samples is not a LATENT"):
-        vae_mod.decode(vae, latent)
+        vae_mod.decode(cpu_vae, latent)
     with pytest.raises(errors.LCMInputError, match="not a ComfyUI VAE"):
         vae_mod.decode("vae.safetensors", {"samples": latent})
+
+
+def test_vae_decode_called_as_a_library_records_no_autograd_history(pack, cpu_vae):
+    """Outside ComfyUI's inference mode (a library call) the IMAGE carries no autograd history, on weights that an
+    earlier node run made inference tensors too (what loading them onto the GPU under inference mode does; here
+    the CPU weights are copied under that mode instead)."""
+    vae_mod = module(pack, "lcm_comfy.vae")
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    plain = vae_mod.decode(cpu_vae, latent, compile=False)
+    assert not plain.requires_grad
+    params = list(cpu_vae.first_stage_model.parameters())
+    before = [p.data for p in params]
+    try:
+        with torch.inference_mode():
+            for p in params:
+                p.data = p.data.clone()
+        assert all(p.is_inference() and p.requires_grad for p in params)
+        again = vae_mod.decode(cpu_vae, latent, compile=False)
+    finally:
+        for p, data in zip(params, before, strict=True):
+            p.data = data
+    assert torch.equal(again, plain)
 
 
 # ---------------------------------------------------------------------------------------------- compile mode
@@ -245,11 +301,16 @@ def test_compile_mode_keys_graphs_apart_and_falls_back_to_exact(pack, monkeypatc
     assert cm.decide(_Executor(other)) is False  # after a failure this UNet runs (and is keyed) exact
 
 
-def test_compile_mode_on_cpu_gives_the_exact_latents(runner, comfy_base):
-    """No CUDA: no fast path, so nothing compiles and the latents are the ordinary path's."""
+def test_compile_mode_on_cpu_runs_the_exact_paths_code(runner, comfy_base, pack):
+    """On a CPU there is no fast path, and compile mode lives inside it: compile=True runs the very code compile=False
+    runs, compiles nothing, and gives the same latents. The GPU side is test_compile_and_queue_gpu.py."""
+    import comfy.model_management
     from models import save_unet, tiny_sd15_unet
     from test_support_nodes import stash
 
+    if comfy.model_management.get_torch_device().type != "cpu":
+        pytest.skip("ComfyUI runs on a GPU here, where compile mode compiles: the CPU case needs ComfyUI on the CPU")
+    cm = module(pack, "lcm_comfy.compile")
     save_unet(tiny_sd15_unet(time_cond_proj_dim=256, seed=9), comfy_base / "models" / "diffusion_models" / "tiny-speed.safetensors")
     cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4)), {}]]
     for node, extra in (("LCMSampler", {}), ("TCDSampler", {"gamma": 0.3})):
@@ -264,3 +325,4 @@ def test_compile_mode_on_cpu_gives_the_exact_latents(runner, comfy_base):
             }
             outs.append(runner.run(prompt, ["4"])["4"][0][0]["samples"])
         assert torch.equal(outs[0], outs[1]), node
+    assert not cm._compiled.built, "compile mode built the compiled UNet on a CPU"
