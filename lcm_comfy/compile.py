@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lcm_core.graphs import signature
+from ..lcm_core.unet_format import SD15, SDXL
 
 log = logging.getLogger("lcm_nodes")
 
 _LOCK = threading.Lock()
 _RECORD_ATTR = "_lcm_nodes_compile_record"
 #: Rough cold-compile times on an H200 (bench/RESULTS.md), for the progress message.
-EXPECTED_COLD_SECONDS = {"SDXL": 85, "SD15": 60}
+EXPECTED_COLD_SECONDS = {SDXL: 85, SD15: 60}
 
 
 # ------------------------------------------------------------------------------------------ shared support
@@ -185,7 +186,7 @@ def fingerprint(weights_fingerprint: int, compiled: bool) -> int:
 
 
 def _family(unet) -> str:
-    return "SDXL" if getattr(unet, "num_classes", None) == "sequential" else "SD15"  # SDXL's adm (pooled text + sizes)
+    return SDXL if getattr(unet, "num_classes", None) == "sequential" else SD15  # SDXL's adm (pooled text + sizes)
 
 
 def compiled_forward(exact_forward, executor, transformer_options: dict, tensors: dict[str, torch.Tensor | None]):
