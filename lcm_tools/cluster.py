@@ -57,6 +57,10 @@ from .workflows import Overrides
 
 log = logging.getLogger("lcm_nodes.cluster")
 
+
+# ------------------------------------------------------------------------------------------ the driver
+
+
 def ensure_plugin(client, spec: ServerSpec) -> str:
     """Register the ComfyUI plugin for ``spec`` (kept if already there: servers stay warm between jobs);
     servers of another spec are stopped first, so a GPU never holds two. Returns the plugin name."""

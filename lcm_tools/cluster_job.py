@@ -236,6 +236,3 @@ def prepare(pl: PromptLine, job: Job, done: dict[str, dict], output: Path, seen:
         if all((output / name).is_file() for name in entry.get("files", [])):
             return Prepared(pl.line, stem, item_id, seed, h, skip=True)
     return Prepared(pl.line, stem, item_id, seed, h, api=api)
-
-
-# ------------------------------------------------------------------------------------------ the driver

@@ -15,6 +15,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_MODULE = "lcm_nodes"
+#: Whether this is a CI run (``CI`` set to 1, true or yes, any case; .ci/run sets ``CI=true``): the one definition the
+#: tests use. Under CI, what a developer's machine may lack (ComfyUI, Debian chromium) fails the run instead of skipping.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 sys.path.append(str(REPO))
 from lcm_tools.locate import cache_dir, find_comfyui  # noqa: E402,F401
 
@@ -67,3 +70,51 @@ class StubServer:
 
     def queue_updated(self):
         pass
+
+
+# ------------------------------------------------------------------------------------------ the same prompt in-process
+
+SAVE_NODES = ("SaveImage", "LCMSaveImage")
+
+
+def decoded_by(api: dict) -> str:
+    """The id of the node whose IMAGE the workflow's one save node writes (what to run in-process instead)."""
+    saves = [n for n in api.values() if n["class_type"] in SAVE_NODES]
+    assert len(saves) == 1, f"expected one save node, found {len(saves)}"
+    return saves[0]["inputs"]["images"][0]
+
+
+def in_process_pixels(runner, api: dict):
+    """The images ``api`` saves, computed by the in-process ComfyUI (``runner``) and converted to bytes as Save Image
+    converts them (``np.clip(255 * x, 0, 255).astype(uint8)``): a uint8 array [batch, height, width, channels]."""
+    import numpy as np
+
+    node = decoded_by(api)
+    image = runner.run(api, [node])[node][0][0]
+    return np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
+
+
+def assert_same_picture(png, expected, what: str = "") -> None:
+    """A PNG (path or bytes) made by a ComfyUI server is the in-process picture of the same prompt.
+
+    Tolerance: no value more than 1 of 255 off, and at most 1% of values off at all. Both sides run the same graph,
+    seed and weights in float32 on the CPU, but in different processes with different thread counts (the server's
+    OpenMP pool, Dask's per-worker share of the cores), which may sum a reduction's terms in another order: a
+    last-bit difference in a float can move a value across a rounding boundary of the byte conversion, never further,
+    and only for the rare value that lies within that tiny distance of a boundary. (On this project's 2-core machine
+    every comparison is exact.) A different seed, prompt, size, step count or model moves most values by tens of
+    levels; weights rounded to bfloat16 instead of float16 move about 10% of them by one level.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        got = np.asarray(img.convert("RGB"))
+    assert got.shape == expected.shape, f"{what}: {got.shape} from the server, {expected.shape} in-process"
+    diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (
+        f"{what}: the server's picture is not the in-process one: max |diff| {diff.max()} of 255, {(diff > 0).mean():.1%} of "
+        f"values differ, {(diff > 1).mean():.1%} by more than 1")

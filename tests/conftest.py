@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -11,14 +10,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_harness import PACK_MODULE, REPO, StubServer, boot_in_process, find_comfyui, make_base_dir  # noqa: E402
+from comfy_harness import IN_CI, PACK_MODULE, REPO, StubServer, boot_in_process, find_comfyui, make_base_dir  # noqa: E402
 
 # lcm_core is importable on its own; the repo root goes last so ComfyUI's top-level `nodes` module wins.
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 log = logging.getLogger("lcm_nodes.tests")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _COMFY = {"path": None, "why": None}
 
 

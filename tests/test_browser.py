@@ -1,7 +1,9 @@
 """The real ComfyUI web frontend (comfyui-frontend-package, served by the real server) in headless Chromium.
 
 Each UI-format workflow is loaded the way the page loads a dropped file (``app.loadGraphData``), checked for
-missing nodes and broken links, queued with ``app.queuePrompt``, and must show its image. Screenshots go to
+missing nodes and broken links, turned into the prompt the page would send (``app.graphToPrompt``), which must be
+its API twin in workflows/api/ (the tests' own converter in workflow_formats.py is not involved), queued with
+``app.queuePrompt``, and must show its image. Screenshots go to
 ``screenshots/`` in the repository (``$LCM_SCREENSHOTS`` overrides). Model names are pointed at the tiny
 test models and sizes set to 64x64, as in test_http.py.
 """
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_harness import REPO
+from comfy_harness import IN_CI, REPO, SAVE_NODES
 from conftest import TINY
 
 WORKFLOWS = REPO / "workflows"
@@ -23,7 +25,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = Path(os.environ.get("LCM_SCREENSHOTS", REPO / "screenshots"))
 NAMES = sorted(p.name[: -len(".api.json")] for p in (WORKFLOWS / "api").glob("*.api.json"))
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="Debian chromium is not installed")
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="Debian chromium is not installed")
 
 
 def tiny_ui(name: str) -> dict:
@@ -39,6 +41,16 @@ def tiny_ui(name: str) -> dict:
         elif node["type"] == "EmptyLatentImage":
             w[0] = w[1] = 64
     return ui
+
+
+def tiny_api(name: str) -> dict:
+    """The API twin with the same model names and size as tiny_ui (set here field by field, no converter)."""
+    api = json.loads((WORKFLOWS / "api" / f"{name}.api.json").read_text())
+    fields = {"CheckpointLoaderSimple": {"ckpt_name": TINY["ckpt"]}, "LCMLoadUNet": {"unet_name": TINY["unet"]},
+              "LCMApplyLoRA": {"lora_name": TINY["lora"]}, "EmptyLatentImage": {"width": 64, "height": 64}}
+    for node in api.values():
+        node["inputs"].update(fields.get(node["class_type"], {}))
+    return api
 
 
 def open_dialogs(pg) -> int:
@@ -65,8 +77,9 @@ def close_dialogs(pg) -> None:
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    assert CHROMIUM, "CI needs Debian chromium for the browser test"
+def page(request):
+    assert CHROMIUM, "CI needs Debian chromium for the browser test (apt-get install chromium)"
+    server = request.getfixturevalue("server")  # after the check: without chromium, fail before starting ComfyUI
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -100,6 +113,9 @@ def test_workflow_loads_queues_and_shows_its_image(page, server, name):
     }""")
     assert report["count"] == len(ui["nodes"])
     assert report["missing"] == [] and report["badLinks"] == 0 and report["dialogs"] == [], report
+    # what the page sends to /prompt for this graph is the API twin (both hold the tiny model names and size)
+    sent = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert sent == tiny_api(name)
     client = ComfyClient(server)
     before = set(client.request("/history").keys())
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
@@ -112,7 +128,7 @@ def test_workflow_loads_queues_and_shows_its_image(page, server, name):
         time.sleep(0.5)
     assert entry is not None, "the queued prompt never finished"
     assert entry["status"]["status_str"] == "success", entry["status"]
-    save_id = next(str(n["id"]) for n in ui["nodes"] if n["type"] == "SaveImage")
+    save_id = next(str(n["id"]) for n in ui["nodes"] if n["type"] in SAVE_NODES)
     # the page received the image for the Save Image node and shows it
     page.wait_for_function(f"() => window.app.nodeOutputs && window.app.nodeOutputs['{save_id}'] && window.app.nodeOutputs['{save_id}'].images", timeout=60_000)
     outputs = page.evaluate(f"() => window.app.nodeOutputs['{save_id}'].images")

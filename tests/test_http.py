@@ -4,7 +4,9 @@ thumbnails, each node's help page and tooltips, fetched the way the frontend fet
 
 Model names in the bundled workflows are pointed at tiny test models through the runner's flags: the
 SDXL workflows run here on SD1.5-family tiny models (the SDXL graphs themselves are proven exact in
-test_nodes_exact.py); sizes are overridden to 64x64 so the CPU finishes quickly.
+test_nodes_exact.py); sizes are overridden to 64x64 so the CPU finishes quickly. Each picture the server makes is
+compared, pixel for pixel, with the same prompt run by the in-process ComfyUI (the ``runner`` fixture), the prompt
+written out here field by field rather than by the runner's override code.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import urllib.error
 import urllib.request
 
 import pytest
-from comfy_harness import REPO
+import torch
+from comfy_harness import REPO, assert_same_picture, in_process_pixels
 from conftest import TINY
-from models import random_lora, tiny_sd15_unet
+from models import random_lora, save_unet, tiny_sd15_unet
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lcm_tools import run as lcm_run
 from lcm_tools.client import ComfyClient
 from lcm_tools.workflows import API_DIR, Overrides, apply_overrides, bundled_names, load_workflow
 
 WORKFLOWS = REPO / "workflows"
+SAMPLER_NODES = ("LCMSampler", "LCMImg2Img", "TCDSampler")
+
+
 def runner_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lcm_tools", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
@@ -42,16 +48,68 @@ def tiny_flags(name: str) -> list[str]:
     return flags
 
 
+def tiny_api(name: str, seed: int = 3, unet: str = TINY["unet"]) -> dict:
+    """What ``run NAME *tiny_flags(NAME)`` should queue, set field by field: the tiny models, 64x64 (an img2img input
+    scaled to it by an ImageScale node, as the runner documents), the seed."""
+    api = json.loads((API_DIR / f"{name}.api.json").read_text())
+    fields = {"CheckpointLoaderSimple": {"ckpt_name": TINY["ckpt"]}, "LCMLoadUNet": {"unet_name": unet},
+              "LCMApplyLoRA": {"lora_name": TINY["lora"]}, "EmptyLatentImage": {"width": 64, "height": 64},
+              **{s: {"seed": seed} for s in SAMPLER_NODES}}
+    for node_id, node in list(api.items()):
+        node["inputs"].update(fields.get(node["class_type"], {}))
+        if node["class_type"] == "VAEEncode":
+            api[f"scale{node_id}"] = {"class_type": "ImageScale", "inputs": {"image": node["inputs"]["pixels"], "upscale_method": "bilinear",
+                                                                             "width": 64, "height": 64, "crop": "center"}}
+            node["inputs"]["pixels"] = [f"scale{node_id}", 0]
+    return api
+
+
 @pytest.mark.parametrize("name", bundled_names())
-def test_workflow_end_to_end_over_http(server, tmp_path, name):
+def test_workflow_end_to_end_over_http(server, runner, tmp_path, name):
     out = tmp_path / "out"
     r = runner_cli("run", str(API_DIR / f"{name}.api.json"), "--server", server, "--output", str(out), "--quiet", *tiny_flags(name))
     assert r.returncode == 0, r.stderr
     files = sorted(out.glob("*.png"))
     assert len(files) == 1
-    img = Image.open(files[0])
-    assert img.size == (64, 64)
-    assert any(lo != hi for lo, hi in img.getextrema())  # a real picture, not a flat fill
+    with Image.open(files[0]) as img:
+        assert img.size == (64, 64)
+        assert any(lo != hi for lo, hi in img.getextrema())  # a real picture, not a flat fill
+    assert_same_picture(files[0], in_process_pixels(runner, tiny_api(name))[0], name)
+
+
+def unet_choices(client: ComfyClient) -> list[str]:
+    """The files Load LCM UNet offers (a V3 combo: ["COMBO", {"options": [...]}])."""
+    kind, spec = client.request("/object_info/LCMLoadUNet")["LCMLoadUNet"]["input"]["required"]["unet_name"][:2]
+    return kind if isinstance(kind, list) else spec["options"]
+
+
+def test_a_pickled_dmd2_unet_converts_loads_and_samples(server, runner, comfy_base, tmp_path):
+    """README's DMD2 recipe end to end: a diffusers UNet state dict pickled in fp16 as DMD2 ships it (.bin), `python -m
+    lcm_tools convert`, then the dmd2 workflow (Load LCM UNet -> LCM Sampler 999/749/499/249) over HTTP. Its picture is
+    the one the same tensors give when saved as .safetensors directly (run in-process): the conversion kept every tensor."""
+    folder = comfy_base / "models" / "diffusion_models"
+    unet = tiny_sd15_unet(time_cond_proj_dim=None, seed=33)  # DMD2 has no guidance embedding
+    pickled = folder / "tiny-dmd2_4step_unet_fp16.bin"
+    torch.save({k: v.to(torch.float16) for k, v in unet.state_dict().items()}, pickled)
+    save_unet(unet, folder / "tiny-dmd2-direct.safetensors", dtype=torch.float16)
+    client = ComfyClient(server)
+    assert pickled.name not in unet_choices(client)  # a pickle is never offered (it could run code)
+
+    r = subprocess.run([sys.executable, "-m", "lcm_tools", "convert", str(pickled)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    converted = folder / "tiny-dmd2_4step_unet_fp16.safetensors"
+    assert r.returncode == 0 and f"wrote {converted} ({len(unet.state_dict())} tensors)" in r.stdout, r.stdout + r.stderr
+    written = load_file(str(converted))
+    assert written.keys() == unet.state_dict().keys()
+    assert all(torch.equal(written[k], v.to(torch.float16)) and written[k].dtype == torch.float16 for k, v in unet.state_dict().items())
+    listed = unet_choices(client)
+    assert converted.name in listed and pickled.name not in listed
+
+    out = tmp_path / "out"
+    r = runner_cli("run", "dmd2-sdxl-txt2img", "--server", server, "--output", str(out), "--quiet", "--unet", converted.name,
+                   "--ckpt", TINY["ckpt"], "--width", "64", "--height", "64", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    [png] = sorted(out.glob("*.png"))
+    assert_same_picture(png, in_process_pixels(runner, tiny_api("dmd2-sdxl-txt2img", unet="tiny-dmd2-direct.safetensors"))[0], "dmd2")
 
 
 def test_progress_history_and_view(server, tmp_path):
@@ -84,7 +142,7 @@ def test_runner_exits_with_execution_error(server, tmp_path, comfy_base):
     r = runner_cli("run", str(API_DIR / "sd15-lcm-lora-txt2img.api.json"), "--server", server, "--output", str(tmp_path),
                    "--ckpt", TINY["ckpt"], "--lora", bad.name, "--width", "64", "--height", "64", "--quiet")
     assert r.returncode == 1
-    assert "LCMLoRAError" in r.stderr and "does not fit this SD15 model" in r.stderr
+    assert "LCMLoRAError" in r.stderr and "does not fit this SD1.5 model" in r.stderr
 
 
 def test_prompt_queue_runs_and_resumes(server, tmp_path):
@@ -110,10 +168,9 @@ def test_prompt_queue_runs_and_resumes(server, tmp_path):
     assert files[1].exists()
 
 
-def test_runner_refuses_ui_format_through_the_old_command(tmp_path):
-    """`python -m lcm_core.runner` (the command before issue #10) still runs the runner."""
-    r = subprocess.run([sys.executable, "-m", "lcm_core.runner", "run", str(WORKFLOWS / "sd15-lcm-lora-txt2img.json"),
-                        "--server", "http://127.0.0.1:9", "--output", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_runner_refuses_a_ui_format_workflow_and_names_its_api_twin(tmp_path):
+    """A UI-format file (what the page saves) is refused before any server is asked, pointing at the API twin."""
+    r = runner_cli("run", str(WORKFLOWS / "sd15-lcm-lora-txt2img.json"), "--server", "http://127.0.0.1:9", "--output", str(tmp_path))
     assert r.returncode == 1
     assert "UI-format workflow" in r.stderr and str(API_DIR / "sd15-lcm-lora-txt2img.api.json") in r.stderr
 
@@ -121,7 +178,8 @@ def test_runner_refuses_ui_format_through_the_old_command(tmp_path):
 # ------------------------------------------------------------------ in ComfyUI's page (issue #11 items 8, 9)
 
 UI_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-DOCUMENTED = ("LCMLoadUNet", "LCMApplyLoRA", "LCMSampler", "LCMImg2Img")
+# README's node table, written out: every node of the pack has a help page
+DOCUMENTED = ("LCMLoadUNet", "LCMApplyLoRA", "LCMSampler", "LCMImg2Img", "LCMVAEDecode", "LCMSaveImage", "TCDSampler")
 
 
 def get(url: str) -> tuple[int, str, bytes]:
@@ -149,6 +207,13 @@ def test_templates_list_only_the_ui_workflows_and_every_thumbnail_loads(server, 
         assert status == 200 and ctype == "image/jpeg" and body[:3] == b"\xff\xd8\xff", (name, status, ctype)
         status, _, body = get(f"{server}/api/workflow_templates/{pack_module}/{name}.json")
         assert status == 200 and "nodes" in json.loads(body), name
+
+
+def test_the_documented_nodes_are_all_the_packs_nodes_each_with_one_page(server, pack_module):
+    info = ComfyClient(server).request("/object_info")
+    ours = sorted(n for n, i in info.items() if i["python_module"].split(".")[:2] == ["custom_nodes", pack_module])
+    assert ours == sorted(DOCUMENTED)
+    assert sorted(p.stem for p in (REPO / "web" / "docs").glob("*.md")) == sorted(DOCUMENTED)
 
 
 @pytest.mark.parametrize("node_id", DOCUMENTED)

@@ -7,13 +7,16 @@ documented `bash scripts/quickstart`, a real ComfyUI started by it.
 - a second checkout, after the first one was deleted (its link still in the shared quickstart folder): --download
   from a local stand-in of the Hub, a real run, this checkout's code loaded and nobody else's.
 
-The copy's __init__.py gets two lines that record which checkout ComfyUI imported (LCM_TEST_LOADED_MARK).
+The copy's __init__.py gets two lines that record which checkout ComfyUI imported (LCM_TEST_LOADED_MARK). Each
+picture the quickstart writes is compared with the same prompt run by the in-process ComfyUI on the same model files
+(the prompt written out here, not built by the quickstart's code).
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -22,10 +25,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from comfy_harness import REPO
+from comfy_harness import REPO, assert_same_picture, in_process_pixels
 from PIL import Image
 
 from lcm_tools.releases import RELEASES
+from lcm_tools.workflows import API_DIR
 
 MARK_LINES = ('\nimport os as _lcm_test_os  # test_quickstart: which checkout did ComfyUI import?\n'
               'if _lcm_test_os.environ.get("LCM_TEST_LOADED_MARK"): open(_lcm_test_os.environ["LCM_TEST_LOADED_MARK"], "a")'
@@ -81,6 +85,27 @@ def shared_cache(tmp_path_factory, real_comfy):
     return cache
 
 
+@pytest.fixture(scope="module")
+def smoke_run(runner, comfy_base, shared_cache):
+    """pixels(workflow, width, height, **{class_type: {input: value}}): the in-process picture of a bundled workflow
+    with the given inputs set, the smoke models made visible to the in-process ComfyUI under their own names."""
+    smoke = shared_cache / "lcm-nodes" / "smoke-models" / "v1"
+    links = [comfy_base / "models" / rel for rel in json.loads((smoke / "MANIFEST.json").read_text()).values()]
+    for link in links:
+        link.symlink_to(smoke / link.relative_to(comfy_base / "models"))
+
+    def pixels(workflow: str, width: int, height: int, **fields: dict):
+        api = json.loads((API_DIR / f"{workflow}.api.json").read_text())
+        fields.setdefault("EmptyLatentImage", {}).update(width=width, height=height)
+        for node in api.values():
+            node["inputs"].update(fields.get(node["class_type"], {}))
+        return in_process_pixels(runner, api)[0]
+
+    yield pixels
+    for link in links:  # the cache folder goes with this module: leave no dangling link in the session's models
+        link.unlink()
+
+
 def run_quickstart(checkout: Path, cwd: Path, cache: Path, mark: Path, *args: str, comfyui: Path | None = None,
                    env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, XDG_CACHE_HOME=str(cache), LCM_VENV=sys.prefix, LCM_TEST_LOADED_MARK=str(mark), **(env_extra or {}))
@@ -92,7 +117,7 @@ def run_quickstart(checkout: Path, cwd: Path, cache: Path, mark: Path, *args: st
                           text=True, timeout=900)
 
 
-def test_smoke_run_inside_a_comfyui_names_the_files_and_writes_nothing_there(tmp_path, real_comfy, shared_cache):
+def test_smoke_run_inside_a_comfyui_names_the_files_and_writes_nothing_there(tmp_path, real_comfy, shared_cache, smoke_run):
     comfy = tmp_path / "ComfyUI"
     shutil.copytree(real_comfy, comfy, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.safetensors", "user", "temp"))
     checkout = copy_checkout(comfy / "custom_nodes" / "lcm-nodes")
@@ -113,6 +138,10 @@ def test_smoke_run_inside_a_comfyui_names_the_files_and_writes_nothing_there(tmp
     assert [p.name for p in images] == ["lcm-sdxl-unet-txt2img-smoke_00000.png"]
     with Image.open(images[0]) as img:
         assert img.size == (64, 96) and any(lo != hi for lo, hi in img.getextrema())
+    # the workflow's own graph, prompt, seed and steps, on the smoke checkpoint and LCM UNet
+    expected = smoke_run("lcm-sdxl-unet-txt2img", 64, 96, CheckpointLoaderSimple={"ckpt_name": "lcm-smoke-sd15.safetensors"},
+                         LCMLoadUNet={"unet_name": "lcm-smoke-sd15-lcm-unet.safetensors"})
+    assert_same_picture(images[0], expected, "smoke test")
     # item 3: that ComfyUI's folders are untouched; the smoke models live in the pack's cache
     assert {d: files_under(comfy / d) for d in before} == before
     assert (shared_cache / "lcm-nodes" / "smoke-models").is_dir()
@@ -121,7 +150,7 @@ def test_smoke_run_inside_a_comfyui_names_the_files_and_writes_nothing_there(tmp
     assert git_status(checkout) == ""
 
 
-def test_second_checkout_runs_its_own_code_and_downloads_what_is_missing(tmp_path, real_comfy, shared_cache):
+def test_second_checkout_runs_its_own_code_and_downloads_what_is_missing(tmp_path, real_comfy, shared_cache, smoke_run):
     cache = tmp_path / "cache"  # a user's cache where an older quickstart linked a first clone, since deleted
     stale = cache / "lcm-nodes" / "quickstart" / "custom_nodes" / "lcm_nodes"
     stale.parent.mkdir(parents=True)
@@ -153,6 +182,10 @@ def test_second_checkout_runs_its_own_code_and_downloads_what_is_missing(tmp_pat
         assert (models / RELEASES[local].folder / local).read_bytes() == src.read_bytes()
     images = sorted((checkout / "lcm-output").glob("*.png"))
     assert [p.name for p in images] == ["sd15-lcm-lora-txt2img_00000.png"]
+    # a real run: the downloaded files (the smoke models' bytes under the releases' names), the workflow's settings
+    expected = smoke_run("sd15-lcm-lora-txt2img", 64, 64, CheckpointLoaderSimple={"ckpt_name": "lcm-smoke-sd15.safetensors"},
+                         LCMApplyLoRA={"lora_name": "lcm-smoke-sd15-lora.safetensors"})
+    assert_same_picture(images[0], expected, "downloaded models")
     assert git_status(checkout) == ""  # lcm-output/ is ignored: the quickstart leaves the checkout clean
 
     # item 2: the README's runner command, in the checkout, starts a ComfyUI of its own that has the pack

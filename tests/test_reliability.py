@@ -1,6 +1,6 @@
 """Reliability against a real ComfyUI server: cancel, a loaded queue, memory over many prompts, /free.
 
-These share the session's HTTP server (test_http.py's fixture) and its tiny models.
+These share the session's HTTP server (the ``server`` fixture in conftest.py) and its tiny models.
 """
 
 from __future__ import annotations

@@ -15,18 +15,21 @@ from comfy_harness import REPO
 
 from lcm_tools.cli import split_comfy_args
 from lcm_tools.client import RunnerError
-from lcm_tools.quickstart import EXIT_MISSING
 from lcm_tools.releases import RELEASES
 from lcm_tools.run import save_new
 from lcm_tools.workflows import API_DIR, bundled_names, load_workflow, model_files, resolve_workflow
 
 VENV = Path(sys.prefix)
+# The README's exit codes ("Exit codes: 0 image written, 1 error, 2 bad arguments, 3 files missing"), written out here:
+# a test that took them from the code under test would pass whatever number the code used.
+EXIT_ERROR, EXIT_BAD_ARGUMENTS, EXIT_MISSING = 1, 2, 3
 
 
 def env_for(tmp_path: Path, **extra) -> dict:
     from comfy_harness import find_comfyui
 
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), LCM_VENV=str(VENV), **extra)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), LCM_VENV=str(VENV))
+    env.update(extra)
     env.pop("LCM_QUICKSTART_DIR", None)
     path, _ = find_comfyui()
     if path is not None:
@@ -51,7 +54,7 @@ def test_help_lists_workflows_and_defaults_without_setting_anything_up(tmp_path)
         for _, fname in model_files(load_workflow(name)):
             assert fname in r.stdout
     assert "(default: sd15-lcm-lora-txt2img)" in r.stdout and "(default: lcm-output)" in r.stdout
-    assert f"{EXIT_MISSING} model files missing" in r.stdout
+    assert "exit codes: 0 image written (real or smoke test), 1 error, 2 bad arguments, 3 model files missing" in r.stdout
     assert "installing" not in r.stdout + r.stderr and took < 15, took
 
 
@@ -101,7 +104,17 @@ def test_check_lists_every_file_with_its_state(tmp_path):
 ])
 def test_bad_values_are_refused_before_anything_starts(tmp_path, args, message):
     r = quickstart(tmp_path, *args)
-    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert r.returncode == EXIT_ERROR and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seed", "seven"], "argument --seed: invalid int value: 'seven'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+])
+def test_bad_arguments_exit_2_with_the_usage(tmp_path, args, message):
+    r = quickstart(tmp_path, *args)
+    assert r.returncode == EXIT_BAD_ARGUMENTS and message in r.stderr and "usage:" in r.stderr, (r.returncode, r.stderr)
+    assert not (tmp_path / "cache" / "lcm-nodes" / "quickstart").exists()  # refused before any folder was made
 
 
 def test_comfyui_arguments_may_start_with_dashes():
@@ -152,6 +165,39 @@ def test_setup_installs_nothing_when_nothing_changed(tmp_path):
     runtime_after = subprocess.run(["bash", "scripts/setup", "--stamp", "runtime"], cwd=copy, env=env, capture_output=True, text=True,
                                    check=True).stdout
     assert after != stamp[1] and runtime_after == stamp[0]  # a test tool does not touch the runtime stamp
+
+
+def recording_venv(folder: Path) -> tuple[Path, Path]:
+    """(venv, log): a venv whose python records every ``python -m pip ...`` it is asked for (and does nothing else
+    for it), says yes to the set-up's torch check (importing torch twice would double this test's time), and hands
+    everything else to this test's Python, so the set-up's decisions show without installing."""
+    log = folder / "pip-calls.txt"
+    python = folder / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "$*" >> "{log}"; exit 0; fi\n'
+                      'if [ "$1" = -c ] && [ "$2" = "import torch, torchvision" ]; then exit 0; fi\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return python.parent.parent, log
+
+
+def test_force_setup_installs_although_the_stamp_is_up_to_date(tmp_path):
+    """README: a stamp in the venv makes the next quickstart start no pip; LCM_FORCE_SETUP=1 installs anyway."""
+    venv, log = recording_venv(tmp_path)
+    env = env_for(tmp_path, LCM_VENV=str(venv))
+    stamp = subprocess.run(["bash", "scripts/setup", "--stamp", "runtime"], cwd=REPO, env=env, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    (venv / ".lcm-setup-runtime").write_text(stamp + "\n")  # as a finished set-up leaves it
+    r = quickstart(tmp_path, "--check", LCM_VENV=str(venv))
+    assert r.returncode == EXIT_MISSING, r.stderr
+    assert "up to date" in r.stdout and "installing" not in r.stdout and not log.exists(), r.stdout
+    r = quickstart(tmp_path, "--check", LCM_VENV=str(venv), LCM_FORCE_SETUP="1")
+    assert r.returncode == EXIT_MISSING, r.stderr
+    assert "installing" in r.stdout and "up to date" not in r.stdout, r.stdout
+    calls = log.read_text().splitlines()
+    assert any("install" in c and "-r requirements.txt" in c for c in calls), calls  # the pack's requirements
+    assert any("install" in c and "requests" in c for c in calls), calls  # ComfyUI's requirements
+    assert (venv / ".lcm-setup-runtime").read_text().strip() == stamp
 
 
 def test_local_comfy_refuses_what_it_cannot_start(tmp_path):

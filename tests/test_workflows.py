@@ -15,8 +15,21 @@ from workflow_formats import ui_to_api
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API = WORKFLOWS / "api"
 NAMES = sorted(p.name[: -len(".api.json")] for p in API.glob("*.api.json"))
-SEED_GUIDE_CASES = {"lcm-sdxl-unet-txt2img", "lcm-sdxl-unet-img2img", "sdxl-lcm-lora-txt2img", "sdxl-lcm-lora-img2img",
-                    "sd15-lcm-lora-txt2img"}
+# The README's recommended settings for each bundled workflow ("The nodes": recommended settings, DMD2 recipe), written
+# out here: the sampler node, its steps, the guidance range, the image size (None for img2img: the input's), and the
+# method's own settings. Every bundled workflow must have an entry.
+LORA_GUIDANCE = (0.0, 2.0)  # LCM-LoRA: off (1.0 or below) or 1.0-2.0
+SEED_GUIDE = {
+    "lcm-sdxl-unet-txt2img": {"sampler": "LCMSampler", "guidance": (8.0, 8.0), "size": 1024},
+    "lcm-sdxl-unet-img2img": {"sampler": "LCMImg2Img", "guidance": (8.0, 8.0), "size": None},
+    "sdxl-lcm-lora-txt2img": {"sampler": "LCMSampler", "guidance": LORA_GUIDANCE, "size": 1024},
+    "sdxl-lcm-lora-img2img": {"sampler": "LCMImg2Img", "guidance": LORA_GUIDANCE, "size": None},
+    "sd15-lcm-lora-txt2img": {"sampler": "LCMSampler", "guidance": LORA_GUIDANCE, "size": 512},
+    "sdxl-tcd-lora-txt2img": {"sampler": "TCDSampler", "guidance": (0.0, 1.0), "size": 1024, "inputs": {"gamma": 0.3, "timesteps": ""}},
+    "dmd2-sdxl-txt2img": {"sampler": "LCMSampler", "guidance": (0.0, 1.0), "size": 1024,
+                          "inputs": {"timesteps": "999, 749, 499, 249"}, "unet": "dmd2_sdxl_4step_unet_fp16.safetensors"},
+}
+SEED_GUIDE_CASES = set(SEED_GUIDE)
 
 
 def test_every_seed_guide_case_has_both_formats():
@@ -82,18 +95,29 @@ def test_api_workflow_validates_in_comfyui(runner, placeholder_models, name):
     assert outputs == ["9"]
 
 
-@pytest.mark.parametrize("name", sorted(SEED_GUIDE_CASES))
+def test_every_bundled_workflow_has_a_seed_guide_entry():
+    assert sorted(SEED_GUIDE) == NAMES
+
+
+@pytest.mark.parametrize("name", sorted(SEED_GUIDE))
 def test_workflow_settings_follow_the_seed_guide(name):
+    guide = SEED_GUIDE[name]
     api = json.loads((API / f"{name}.api.json").read_text())
-    sampler = next(n for n in api.values() if n["class_type"] in ("LCMSampler", "LCMImg2Img"))["inputs"]
+    samplers = [n for n in api.values() if n["class_type"] in ("LCMSampler", "LCMImg2Img", "TCDSampler")]
+    assert [n["class_type"] for n in samplers] == [guide["sampler"]]
+    sampler = samplers[0]["inputs"]
     assert sampler["steps"] == 4
-    if "unet" in name:
-        assert sampler["guidance_scale"] == 8.0
+    low, high = guide["guidance"]
+    assert low <= sampler["guidance_scale"] <= high, sampler["guidance_scale"]
+    for key, value in guide.get("inputs", {}).items():
+        assert sampler[key] == value, (key, sampler[key])
+    if "unet" in guide:
+        assert [n["inputs"]["unet_name"] for n in api.values() if n["class_type"] == "LCMLoadUNet"] == [guide["unet"]]
+    latent = [n["inputs"] for n in api.values() if n["class_type"] == "EmptyLatentImage"]
+    if guide["size"] is None:
+        assert latent == []
     else:
-        assert sampler["guidance_scale"] <= 2.0
-    size = next((n["inputs"]["width"] for n in api.values() if n["class_type"] == "EmptyLatentImage"), None)
-    if size is not None:
-        assert size == (512 if name.startswith("sd15") else 1024)
+        assert [(i["width"], i["height"]) for i in latent] == [(guide["size"], guide["size"])]
 
 
 @pytest.mark.parametrize("name", NAMES)
