@@ -33,6 +33,9 @@ def make_base_dir(base: Path) -> Path:
     return base
 
 
+GPU_RUN = os.environ.get("LCM_TEST_GPU") == "1"  # ComfyUI (in-process and the shared server) on the GPU
+
+
 def boot_in_process(comfy_path: Path, base: Path):
     """Import ComfyUI in this process (CPU mode) and load built-in and custom nodes. Returns the nodes module."""
     if str(comfy_path) not in sys.path:
@@ -43,7 +46,7 @@ def boot_in_process(comfy_path: Path, base: Path):
     import comfy.cli_args
 
     # CPU mode unless a GPU run is asked for (LCM_TEST_GPU=1 on the device machine)
-    comfy.cli_args.args.cpu = os.environ.get("LCM_TEST_GPU") != "1"
+    comfy.cli_args.args.cpu = not GPU_RUN
     comfy.cli_args.args.base_directory = str(base)
     comfy.cli_args.args.disable_all_custom_nodes = False
     import comfy.model_management  # noqa: F401

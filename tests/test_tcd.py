@@ -341,6 +341,7 @@ def sd15_ref(pipe, cond, shape, gamma, guidance=1.0, neg=None, steps=4, init=Non
     return img2img(image=init, strength=strength, **kw).images
 
 
+@pytest.mark.usefixtures("cpu_exactness")
 def test_sd15_txt2img_matches_diffusers_at_gamma_03_and_0(runner, sd15, sd15_pipe):
     """From a MODEL set up by Load LCM UNet (it carries LCM's 50-entry model sampling) and from a plain one
     (ComfyUI's own UNETLoader), 4 steps."""
@@ -356,6 +357,7 @@ def test_sd15_txt2img_matches_diffusers_at_gamma_03_and_0(runner, sd15, sd15_pip
     assert (ours[0.3] - ours[0.0]).abs().max() > 1e-3  # gamma is in play
 
 
+@pytest.mark.usefixtures("cpu_exactness")
 def test_sd15_cfg_with_negative_prompt_matches_diffusers(runner, sd15, sd15_pipe):
     cond, neg = sd15_cond()
     ours = run_node(runner, lcm_unet_loader(SD15_FILE), "TCDSampler", [[cond, {}]], {"samples": torch.zeros(1, 4, 8, 8)},
@@ -364,6 +366,7 @@ def test_sd15_cfg_with_negative_prompt_matches_diffusers(runner, sd15, sd15_pipe
     assert_close(ours * SD15_SCALE, ref)
 
 
+@pytest.mark.usefixtures("cpu_exactness")
 def test_sd15_img2img_matches_diffusers(runner, sd15, sd15_pipe):
     """strength 0.5 at 4 steps: the img2img pipelines drop the first two of 999/759/499/259 and start from 499."""
     cond, _ = sd15_cond()
@@ -373,6 +376,7 @@ def test_sd15_img2img_matches_diffusers(runner, sd15, sd15_pipe):
     assert_close(ours * SD15_SCALE, ref)
 
 
+@pytest.mark.usefixtures("cpu_exactness")
 def test_sd15_batch2_with_custom_timesteps_matches_diffusers(runner, sd15, sd15_pipe):
     cond, _ = sd15_cond()
     ours = run_node(runner, lcm_unet_loader(SD15_FILE), "TCDSampler", [[cond, {}]], {"samples": torch.zeros(2, 4, 8, 8)},
@@ -382,6 +386,7 @@ def test_sd15_batch2_with_custom_timesteps_matches_diffusers(runner, sd15, sd15_
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # two different images, not one repeated
 
 
+@pytest.mark.usefixtures("cpu_exactness")
 def test_lcm_unet_with_guidance_embedding_matches_diffusers(runner, comfy, comfy_base):
     """An LCM UNet through TCD: the pipelines feed guidance_scale to its guidance embedding and run no CFG."""
     from diffusers import StableDiffusionPipeline
@@ -436,6 +441,7 @@ def sdxl_ref(pipe, positive, shape, **kw):
                 output_type="latent", height=shape[2] * 8, width=shape[3] * 8, generator=generator(), **kw).images
 
 
+@pytest.mark.usefixtures("cpu_exactness")
 def test_dmd2_unet_on_lcm_sampler_matches_diffusers(runner, sdxl):
     """DMD2 (issue #14): Load LCM UNet on a diffusers-format SDXL UNet without guidance embedding, LCM Sampler with
     timesteps "999, 749, 499, 249" at guidance 1.0 == StableDiffusionXLPipeline + LCMScheduler(timesteps=[999, 749, 499, 249])."""
@@ -453,6 +459,7 @@ def test_dmd2_unet_on_lcm_sampler_matches_diffusers(runner, sdxl):
     assert_close(ours * SDXL_SCALE, ref)
 
 
+@pytest.mark.usefixtures("cpu_exactness")
 def test_sdxl_tcd_lora_through_apply_lora_matches_diffusers(runner, sdxl, comfy_base):
     """A TCD-LoRA-shaped file loads through Apply LCM-LoRA (every module lands) and TCD on it matches diffusers'
     SDXL pipeline with the LoRA loaded by load_lora_weights."""
