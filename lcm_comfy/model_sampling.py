@@ -50,7 +50,8 @@ class DiffusersModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.m
     With ``skip`` > 1 only every ``skip``-th entry is kept (``skip - 1, 2 skip - 1, ...``: LCM's distillation
     timesteps, as ComfyUI's own ``ModelSamplingDiscreteDistilled``). :meth:`timestep` picks the nearest entry
     by :func:`lcm_core.schedule.nearest_timestep_index`, whose fixed tie rule makes ComfyUI's own schedulers
-    land on the same timestep on every device. ``calculate_denoised`` is ComfyUI's epsilon one
+    land on the same timestep on every device, and :meth:`sigma` snaps to an entry by the same rule (the model
+    knows only its table's timesteps). ``calculate_denoised`` is ComfyUI's epsilon one
     (``x0 = x - sigma eps`` on ``x = x_t / sqrt(a_t)``).
     """
 
@@ -71,7 +72,12 @@ class DiffusersModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.m
         return index * self.skip + (self.skip - 1)
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
-        return super().sigma((timestep.float() - (self.skip - 1)) / self.skip)
+        """The table sigma of the entry nearest ``timestep`` (a half-way timestep takes the lower entry, as
+        :meth:`timestep` does). ComfyUI interpolates between entries; snapping keeps ``sigma`` and ``timestep``
+        consistent, so a scheduler such as ``sgm_uniform`` hands the model exactly the table sigma of the
+        timestep it is told (diffusers' ``alphas_cumprod[t]``), not a sigma between two entries."""
+        position = (timestep.float() - (self.skip - 1)) / self.skip
+        return super().sigma(torch.ceil(position - 0.5))
 
 
 class LCMModelSampling(DiffusersModelSampling):

@@ -75,7 +75,10 @@ class GuidedTimeEmbedding(nn.Sequential):
             buf = condition.clone()
             self._condition_buffer = buf
         else:
-            buf.copy_(condition)
+            # a buffer made inside ComfyUI's inference mode is updated in that mode, also from a library call made
+            # outside it (updating it in place keeps a captured graph reading the new value)
+            with torch.inference_mode(buf.is_inference()):
+                buf.copy_(condition)
         self.condition = buf
 
     def forward(self, t_emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

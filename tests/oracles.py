@@ -2,7 +2,7 @@
 diffusers' LCM noise sequence drawn in one go.
 
 The pack itself never needs these (it runs on ComfyUI's objects); the tests use them to call diffusers on the
-same inputs as a node, and the benchmark imports them from here.
+same inputs as a node.
 
 ComfyUI keeps raw VAE latents in ``LATENT["samples"]`` and scales them by the model's latent format
 on the way into the UNet; diffusers pipelines take and return latents already multiplied by the VAE's
