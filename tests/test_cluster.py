@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from comfy_harness import REPO, assert_same_picture, find_comfyui, in_process_pixels
+from comfy_harness import GPU_RUN, REPO, assert_same_picture, find_comfyui, in_process_pixels
 from models import random_lora, tiny_sd15_checkpoint, tiny_sd15_unet
 from PIL import Image
 from safetensors.torch import save_file
@@ -411,8 +411,9 @@ def test_every_prompt_is_done_exactly_once(cluster, runner, tmp_path):
     # seeds differ between the fox prompts: so do their pictures (the plain lines share seed 0: the same picture)
     assert len({(out / f"fox-{i}_s{100 + i}_00.png").read_bytes() for i in range(10)}) == 10
     # each picture is the prompt's: a plain line (the workflow's seed 0) and a JSON line (its own seed), as run in-process
-    assert_same_picture(out / "line000002_s0_00.png", in_process_pixels(runner, tiny_api(0))[0], "plain line")
-    assert_same_picture(out / "fox-7_s107_00.png", in_process_pixels(runner, tiny_api(107))[0], "fox-7")
+    if not GPU_RUN:  # the cluster's ComfyUIs run on the CPU: compared with the in-process one where it runs there too
+        assert_same_picture(out / "line000002_s0_00.png", in_process_pixels(runner, tiny_api(0))[0], "plain line")
+        assert_same_picture(out / "fox-7_s107_00.png", in_process_pixels(runner, tiny_api(107))[0], "fox-7")
     # both workers took prompts, and the summary gives each one's rate
     assert sorted(summary.workers) == ["cpu0", "cpu1"]
     assert all(w.images > 0 and w.images_per_s > 0 for w in summary.workers.values()), summary.text()
