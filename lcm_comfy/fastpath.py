@@ -18,6 +18,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -146,12 +147,19 @@ class RunRecord:
 
 
 def _make_fast_wrapper(patcher, clone: SamplingClone):
-    """DIFFUSION_MODEL wrapper replaying the UNet forward as a CUDA graph when that is safe."""
+    """DIFFUSION_MODEL wrapper replaying the UNet forward as a CUDA graph when that is safe.
+
+    The wrapper lives in ``patcher``'s wrappers, so it holds ``patcher`` and ``clone`` weakly: a strong reference
+    would be a cycle that only Python's cycle collector frees, and until it ran ComfyUI would keep one more
+    loaded-model entry for every MODEL that ever sampled on the fast path. Both are alive whenever it is called
+    (a run samples on ``patcher``; ``clone`` lives in the input MODEL's registry).
+    """
     cache = graph_cache_of(patcher)
+    patcher_ref, clone_ref = weakref.ref(patcher), weakref.ref(clone)
 
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        record = clone.record
-        blocker = fast_path_blocker(patcher, x, control, transformer_options, kwargs)
+        record = clone_ref().record
+        blocker = fast_path_blocker(patcher_ref(), x, control, transformer_options, kwargs)
         if blocker is not None:
             if record.fast_path_off is None:
                 log.info("LCM fast path off for this run: %s; using the ordinary path.", blocker)
