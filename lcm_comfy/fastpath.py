@@ -27,7 +27,7 @@ import comfy.patcher_extension
 import torch
 
 from ..lcm_core.graphs import GraphCache
-from . import compile as compile_mode  # issue #12: the sampler's opt-in torch.compile mode
+from . import compile as compile_mode  # the sampler's opt-in torch.compile mode
 
 log = logging.getLogger("lcm_nodes")
 
@@ -142,7 +142,7 @@ class RunRecord:
     fast_path_off: str | None = None
     first_forward_at: float | None = None
     fingerprint: int | None = None
-    compile: bool = False  # asked for (issue #12 compile mode); whether it runs is decided at the first forward
+    compile: bool = False  # asked for (compile mode); whether it runs is decided at the first forward
     compiled: bool = False
 
 

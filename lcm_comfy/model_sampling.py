@@ -79,6 +79,16 @@ class DiffusersModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.m
         position = (timestep.float() - (self.skip - 1)) / self.skip
         return super().sigma(torch.ceil(position - 0.5))
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI's own start/end percent (ControlNet, conditioning ranges): interpolated between entries as
+        ComfyUI does, not snapped, so a percent keeps the meaning it has on any other MODEL."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        position = ((1.0 - percent) * 999.0 - (self.skip - 1)) / self.skip
+        return super().sigma(torch.tensor(position)).item()
+
 
 class LCMModelSampling(DiffusersModelSampling):
     """ComfyUI model sampling for LCM: diffusers' float32 schedule and the exact consistency boundary condition.
@@ -90,9 +100,8 @@ class LCMModelSampling(DiffusersModelSampling):
     """
 
     def __init__(self, model_config=None, timestep_scaling: float = 10.0, original_inference_steps: int | None = None):
-        schedule = noise_schedule_of(model_config)
-        skip = schedule.num_train_timesteps // original_inference_steps if original_inference_steps else 1
-        super().__init__(model_config, skip)
+        timesteps = int((getattr(model_config, "sampling_settings", None) or {}).get("timesteps", 1000))
+        super().__init__(model_config, timesteps // original_inference_steps if original_inference_steps else 1)
         self.timestep_scaling = float(timestep_scaling)
 
     def calculate_denoised(self, sigma, model_output, model_input):

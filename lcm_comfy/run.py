@@ -138,6 +138,8 @@ def noise_dtype(model) -> torch.dtype:
 
 def sigmas_for(model_sampling, timesteps: tuple[int, ...]) -> torch.Tensor:
     """ComfyUI sigmas for ``timesteps`` from a full 1000-entry table, with the final 0 appended."""
+    if getattr(model_sampling, "skip", 1) != 1:
+        raise ValueError("sigmas_for needs a model sampling with every training timestep (skip 1)")
     table = model_sampling.sigmas.detach().float().cpu()
     return torch.cat([table[torch.tensor(timesteps, dtype=torch.long)], table.new_zeros(1)])
 

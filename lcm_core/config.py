@@ -89,10 +89,16 @@ class ConsistencyRun(RunOptions):
         object.__setattr__(self, "strength", check_strength(self.strength))
         object.__setattr__(self, "planned", tuple(planned))
 
+    # Members may make these two fields of their own (SamplingConfig does, with defaults).
     @property
     def strength_mode(self) -> str:
         """How ``strength`` < 1 shortens the schedule (:data:`~lcm_core.schedule.STRENGTH_MODES`)."""
         return "truncate"
+
+    @property
+    def from_image(self) -> bool:
+        """Image-to-image: start from ``latent_image`` noised to the first timestep, not from pure noise."""
+        return self.strength < 1.0
 
     def strength_fix(self) -> str:
         """The member's own way out, beyond raising strength, when strength keeps no step."""
@@ -146,11 +152,6 @@ class TCDConfig(ConsistencyRun):
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", check_gamma(self.gamma))
         super().__post_init__()
-
-    @property
-    def from_image(self) -> bool:
-        """Image-to-image: start from ``latent_image`` noised to the first timestep, not from pure noise."""
-        return self.strength < 1.0
 
 
 @dataclass

@@ -37,7 +37,7 @@ STRENGTH_MODES = ("lcm", "truncate")
 # An exact half-way tie between two table entries, seen through float rounding, is any sigma whose log lies
 # within this much of the mid-point (plus the input dtype's own precision): the float32 interpolation and exp()
 # ComfyUI computes a sigma with are good to a few 1e-7 in log-sigma, while the closest two entries of the
-# 1000-entry table lie 0.006 apart.
+# 1000-entry table lie 0.0033 apart (t = 421, 422). The band never exceeds a quarter of the local gap.
 TIE_LOG_TOLERANCE = 1e-5
 
 
@@ -155,10 +155,11 @@ def pick_timesteps(
     strength = check_strength(strength)
     origin = origin_timesteps(original_inference_steps, strength, num_train_timesteps, every_train_timestep)
     if len(origin) < steps:
+        fewer = f"lower steps to {len(origin)} or " if origin else ""
         raise LCMInputError(
             f"strength={strength} leaves {len(origin)} of the {original_inference_steps} distillation timesteps, "
-            f"fewer than steps={steps}: lower steps to {max(len(origin), 1)} or raise strength to at least "
-            f"{steps / original_inference_steps:.3g}."
+            f"fewer than steps={steps}: {fewer}raise strength to at least "
+            f"{least_strength(steps, original_inference_steps if not every_train_timestep else num_train_timesteps)}."
         )
     origin = origin[::-1]
     # Evenly spaced indices into the descending schedule: i * (L / steps) in float64, floored, exactly as
@@ -183,9 +184,18 @@ def truncate_for_strength(timesteps: Sequence[int], strength: float, other_fix: 
     if keep < 1:
         raise LCMInputError(
             f"strength={strength} keeps int({n} x {strength}) = 0 of the {n} timesteps: raise strength to at least "
-            f"{1 / n:.3g}, or give more steps or timesteps{other_fix}."
+            f"{least_strength(1, n)}{other_fix}."
         )
     return list(timesteps[n - keep :])
+
+
+def least_strength(needed: int, of: int) -> float:
+    """The smallest strength on the nodes' 0.01 grid with ``int(of * strength) >= needed`` (what an error suggests:
+    a value that then passes, in the same float arithmetic diffusers uses)."""
+    strength = min(math.ceil(needed / of * 100) / 100, 1.0)
+    while int(of * strength) < needed and strength < 1.0:
+        strength = min(round(strength + 0.01, 2), 1.0)
+    return strength
 
 
 # ------------------------------------------------------------------------------------- custom timesteps
@@ -273,27 +283,31 @@ def plan_timesteps(
     strength: float = 1.0,
     strength_mode: str = "lcm",
     num_train_timesteps: int = 1000,
-    every_train_timestep: bool = False,
     other_fix: str = "",
 ) -> list[int]:
     """The timesteps a run visits, with diffusers' semantics for each ``strength_mode`` (LCM and TCD alike).
 
     ``"lcm"``: ``LatentConsistencyModel(Img2Img)Pipeline``, strength shortens the distillation schedule before the
-    steps are picked. ``"truncate"``: the SD/SDXL img2img pipelines, the full schedule is built and its first
-    steps dropped (:func:`truncate_for_strength`). Custom timesteps keep their last ``int(n * strength)`` in
-    both modes, as every diffusers scheduler's ``set_timesteps(timesteps=..., strength=...)`` does; a strength
-    that keeps none is an error naming the fix, in both modes and for both samplers (``other_fix``: the caller's own).
+    steps are picked, and custom timesteps keep their last ``int(n * strength)`` (``set_timesteps(timesteps=...,
+    strength=...)``). ``"truncate"``: the SD/SDXL img2img pipelines, the full schedule (or the custom timesteps,
+    checked at strength 1 as those pipelines set them) is built and its first steps dropped
+    (:func:`truncate_for_strength`). A strength that keeps no step is an error naming the fix, in both modes and
+    for both samplers (``other_fix``: the caller's own way out, added to the message).
     """
     if strength_mode not in STRENGTH_MODES:
         raise LCMInputError(f"strength_mode={strength_mode!r} is not one of {list(STRENGTH_MODES)}: pick one of those.")
     strength = check_strength(strength)
-    if custom_timesteps:
-        return check_custom_timesteps(custom_timesteps, original_inference_steps, strength, num_train_timesteps,
-                                      every_train_timestep, other_fix)
+    more = ", or give more timesteps" if custom_timesteps else ", or raise steps"
     if strength_mode == "lcm":
-        return pick_timesteps(steps, original_inference_steps, strength, num_train_timesteps, every_train_timestep)
-    full = pick_timesteps(steps, original_inference_steps, 1.0, num_train_timesteps, every_train_timestep)
-    return truncate_for_strength(full, strength, other_fix)
+        if custom_timesteps:
+            return check_custom_timesteps(custom_timesteps, original_inference_steps, strength, num_train_timesteps,
+                                          other_fix=more + other_fix)
+        return pick_timesteps(steps, original_inference_steps, strength, num_train_timesteps)
+    if custom_timesteps:
+        full = check_custom_timesteps(custom_timesteps, original_inference_steps, 1.0, num_train_timesteps)
+    else:
+        full = pick_timesteps(steps, original_inference_steps, 1.0, num_train_timesteps)
+    return truncate_for_strength(full, strength, more + other_fix)
 
 
 # ------------------------------------------------------------------------------- sigma -> table index
@@ -314,5 +328,6 @@ def nearest_timestep_index(log_sigmas: torch.Tensor, sigma: torch.Tensor) -> tor
     d_lo = flat - log_sigmas[lo]
     d_hi = log_sigmas[hi] - flat
     tolerance = TIE_LOG_TOLERANCE + (torch.finfo(sigma.dtype).eps if sigma.is_floating_point() else 0.0)
+    tolerance = torch.clamp(0.25 * (d_lo + d_hi), max=tolerance)  # a coarse dtype (bfloat16) never swallows a gap
     index = torch.where(d_hi < d_lo - tolerance, hi, lo)
     return index.view(sigma.shape)

@@ -1,4 +1,4 @@
-"""The consistency-model family's steps: LCM's and TCD's, the one copy production runs. Pure torch.
+"""The consistency-model family's steps: LCM's and TCD's, the functions production runs. Pure torch.
 
 Both start from the same prediction and end in the same noising function, in the papers' symbols:
 
@@ -23,8 +23,9 @@ Both start from the same prediction and end in the same noising function, in the
 Scalars (``a_t``, the boundary scalings) are computed in their own precision (float32 for the schedule's
 ``alphas_cumprod``) and only then meet the latents, exactly as diffusers' schedulers do; an fp16 latent
 therefore gets the same coefficients as diffusers gives it. Tested per step against ``LCMScheduler.step``
-and ``TCDScheduler.step`` in float32 and float16. The ComfyUI samplers run these same functions:
-:func:`consistency_denoise` inside LCM's model sampling and the steps in the adapter's one loop.
+and ``TCDScheduler.step`` in float32 and float16. The ComfyUI samplers run these same functions: LCM's
+:func:`consistency_denoise` inside its model sampling and :func:`renoise` in the adapter's loop step
+(:func:`lcm_step` composes the two, for the per-step test), TCD's :func:`tcd_step` in the loop step.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .workflows import Overrides, apply_overrides, bundled_names, input_images, 
 
 EXIT_MISSING = 3
 DEFAULT_WORKFLOW = "sd15-lcm-lora-txt2img"
-OLD_LINK_NAME = "lcm_nodes"  # what quickstarts before issue #11 linked into the shared base folder
+OLD_LINK_NAME = "lcm_nodes"  # what older quickstarts linked into the shared base folder
 ALIASES = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}  # ComfyUI's legacy folder names
 
 

@@ -60,7 +60,7 @@ def keep_graphs_input() -> io.Combo.Input:
 
 
 def compile_input() -> io.Boolean.Input:
-    # issue #12: appended last (after keep_graphs), for the same reason.
+    # compile mode: appended last (after keep_graphs), for the same reason.
     return io.Boolean.Input(
         "compile", default=False, optional=True,
         tooltip="Faster kernels (GPU fast path only): the UNet compiled with torch.compile inside the CUDA graph, about "

@@ -183,10 +183,12 @@ def test_timestep_rule_at_every_half_way_point(pack, dtype, offset):
     assert ms.timestep(_half_way_sigmas(ms, dtype, 0.0)).tolist() == lower.tolist()
     assert ms.timestep(_half_way_sigmas(ms, dtype, -offset)).tolist() == lower.tolist()
     assert ms.timestep(_half_way_sigmas(ms, dtype, +offset)).tolist() == (lower + 20).tolist()
-    via_comfy = ms.sigma(torch.tensor([float(t) + 10.0 for t in lower.tolist()])).to(dtype)  # 29, 49, ...: (t - 19) / 20 = i + 0.5
+    # ComfyUI's own interpolating sigma() at the mid-points i + 0.5 (what it computes from sgm_uniform's t = 509)
+    import comfy.model_sampling
+
+    via_comfy = comfy.model_sampling.ModelSamplingDiscrete.sigma(ms, torch.arange(n - 1, dtype=torch.float32) + 0.5).to(dtype)
     assert ms.timestep(via_comfy).tolist() == lower.tolist()
-    exact = ms.sigmas.to(dtype) if dtype == torch.float32 else ms.sigmas
-    assert ms.timestep(exact).tolist() == (torch.arange(n) * 20 + 19).tolist()
+    assert ms.timestep(ms.sigmas.to(dtype)).tolist() == (torch.arange(n) * 20 + 19).tolist()  # exact entries map to themselves
 
 
 def test_tie_rule_keeps_the_table_shape_and_device_of_its_input(pack):
@@ -205,6 +207,23 @@ def test_tcd_model_sampling_sees_only_exact_table_sigmas(pack):
     every = tuple(range(999, -1, -1))
     sigmas = run.sigmas_for(ms, every)
     assert ms.timestep(sigmas[:-1]).tolist() == list(every)
+    assert ms.timestep(sigmas[:-1].half()).tolist() == list(every)  # in float16 too: its rounding is inside every gap
+
+
+def test_start_and_end_percent_keep_comfyuis_meaning(pack):
+    """ControlNet's and conditioning's start/end percent go through percent_to_sigma: on our model sampling it is
+    ComfyUI's interpolated sigma, as on any MODEL (snapping it to an entry would move a boundary step: on LCM's
+    4 steps, end_percent 0.5 would keep control on t = 499 too)."""
+    import comfy.model_sampling
+
+    interpolated = comfy.model_sampling.ModelSamplingDiscrete.sigma  # ComfyUI's own, on a table position
+    for ms in (_distilled_sampling(pack), pack.comfy.model_sampling.DiffusersModelSampling(SimpleNamespace(sampling_settings={}))):
+        assert ms.percent_to_sigma(0.0) > ms.sigmas.max() and ms.percent_to_sigma(1.0) == 0.0
+        for percent in (0.25, 0.5, 0.74):
+            position = ((1 - percent) * 999.0 - (ms.skip - 1)) / ms.skip
+            assert ms.percent_to_sigma(percent) == interpolated(ms, torch.tensor(position)).item(), (ms.skip, percent)
+    full = pack.comfy.model_sampling.DiffusersModelSampling(SimpleNamespace(sampling_settings={}))
+    assert float(full.sigmas[499]) < full.percent_to_sigma(0.5) < float(full.sigmas[500])
 
 
 def test_concurrent_runs_on_one_model_equal_serial_runs(pack, runner, chain_files):

@@ -157,6 +157,23 @@ def test_truncate_matches_sdxl_img2img_get_timesteps(steps, strength):
     assert ours == ref.tolist() and len(ours) == n
 
 
+def test_strength_hints_name_a_value_that_passes():
+    """Every 'raise strength to at least S' the schedule errors give is a value on the nodes' 0.01 grid that then
+    plans (S printed as 3 significant digits could round down: 29 of 50 needs 0.58, which keeps int(50 x 0.58) = 28)."""
+    import re
+
+    for original in (20, 50, 100):
+        for steps in range(1, original + 1):
+            for strength in (0.01, 0.1, 0.33, 0.5):
+                for mode in ("lcm", "truncate"):
+                    try:
+                        lcm_core.plan_timesteps(steps, original, None, strength, mode)
+                    except LCMInputError as e:
+                        hint = float(re.search(r"raise strength to at least ([0-9]+(?:\.[0-9]+)?)", str(e)).group(1))
+                        assert hint == round(hint, 2) and hint > strength
+                        assert lcm_core.plan_timesteps(steps, original, None, hint, mode), (steps, original, strength, mode, hint)
+
+
 def test_truncate_to_zero_steps_is_an_error():
     with pytest.raises(LCMInputError, match=r"keeps int\(2 x 0.3\) = 0 of the 2 timesteps: raise strength to at least 0.5"):
         truncate_for_strength(lcm_timesteps(2), 0.3)
@@ -283,13 +300,13 @@ def test_sdxl_conditioning_both_ways_and_defaults():
 
 
 def test_lcm_core_imports_no_comfy_no_diffusers_no_network():
-    """lcm_core is torch + safetensors only: importing all of it pulls in no ComfyUI, diffusers or HTTP module.
-    (``lcm_core.runner`` is only the old command's forwarding shim to lcm_tools, not library code.)"""
+    """lcm_core is torch + safetensors only: importing all of it pulls in no ComfyUI, diffusers or HTTP module,
+    nor anything above it (lcm_comfy, lcm_tools)."""
     import subprocess
     import sys
 
     code = ("import sys, pkgutil, importlib, lcm_core\n"
-            "[importlib.import_module('lcm_core.' + m.name) for m in pkgutil.iter_modules(lcm_core.__path__) if m.name != 'runner']\n"
+            "[importlib.import_module('lcm_core.' + m.name) for m in pkgutil.iter_modules(lcm_core.__path__)]\n"
             "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','nodes','folder_paths','comfy_api','diffusers',"
             "'transformers','urllib3','requests','aiohttp','websocket','lcm_comfy','lcm_tools')]\n"
             "print(bad); sys.exit(1 if bad else 0)")
