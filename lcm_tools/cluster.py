@@ -1,10 +1,12 @@
 """Scale-out: one prompt file across many ComfyUI workers, on Dask distributed.
 
     python -m lcm_tools run WORKFLOW --prompts prompts.txt --output out/ --workers 2          # a local cluster
-    python -m lcm_tools run WORKFLOW --prompts prompts.txt --output out/ --cluster tcp://HOST:8786
+    python -m lcm_tools run WORKFLOW --prompts prompts.txt --output out/ --cluster tls://HOST:8786 \
+        --tls-ca-file ca.pem --tls-cert cert.pem --tls-key key.pem
 
 Dask does the distributed part: scheduling, worker liveness, retries, restarts. There is no scheduler, RPC
-or heartbeat of our own. This module is the driver; :mod:`lcm_tools.cluster_job` holds the job's records (prompt
+or heartbeat of our own. A scheduler on another host is joined over TLS only (:mod:`lcm_tools.cluster_security`:
+Dask unpickles what it is sent). This module is the driver; :mod:`lcm_tools.cluster_job` holds the job's records (prompt
 lines, journal, summary) and :mod:`lcm_tools.cluster_worker` is what runs on the workers (one warm ComfyUI per
 worker, the task that runs a prompt).
 
@@ -52,6 +54,7 @@ from .cluster_job import (  # noqa: F401  (PromptLine and the rest are this modu
     prepare,
     read_journal,
 )
+from .cluster_security import TLSFiles, check_cluster_address, driver_security
 from .cluster_spec import PLUGIN_PREFIX, ClusterError, PromptResult, PromptTask, ServerSpec, ServerStartError
 from .workflows import Overrides
 
@@ -300,7 +303,18 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, metavar="N",
                    help="run the prompts file on a local Dask cluster of N workers, each with its own ComfyUI: one per GPU "
                         "(default all GPUs), or N CPU workers on a machine without GPUs")
-    g.add_argument("--cluster", metavar="ADDRESS", help="join an existing Dask scheduler, e.g. tcp://10.0.0.5:8786, instead")
+    g.add_argument("--cluster", metavar="ADDRESS",
+                   help="join an existing Dask scheduler instead, e.g. tls://10.0.0.5:8786 (plain tcp:// only on 127.0.0.1, "
+                        "see --insecure-cluster)")
+    g.add_argument("--tls-ca-file", metavar="PEM", help="with --cluster tls://: the CA that signed the cluster's certificates "
+                   "(default: Dask's distributed.comm.tls.ca-file)")
+    g.add_argument("--tls-cert", metavar="PEM", help="with --cluster tls://: this driver's certificate "
+                   "(default: Dask's distributed.comm.tls.client.cert)")
+    g.add_argument("--tls-key", metavar="PEM", help="with --cluster tls://: this driver's private key (default: in the --tls-cert "
+                   "file, or Dask's distributed.comm.tls.client.key)")
+    g.add_argument("--insecure-cluster", action="store_true",
+                   help="allow --cluster tcp://HOST on another host: anyone who can reach that port can run code on every "
+                        "host of the cluster; only on a network that only you can reach")
     g.add_argument("--retries", type=int, default=2, help="times a prompt is retried when its ComfyUI stops answering (default 2)")
     g.add_argument("--in-flight", type=int, metavar="N", help="prompts submitted at once (default: twice the workers' task slots)")
     g.add_argument("--prompt-timeout", type=float, default=3600.0, metavar="S", help="seconds one prompt may take (default 3600)")
@@ -337,10 +351,13 @@ def run_cluster(args: argparse.Namespace, comfy_args: list[str] | None = None) -
     cluster = None
     try:
         if args.cluster:
+            security = driver_security(args.cluster, _tls_files(args))
             try:
-                client = Client(args.cluster, timeout="60s")
+                client = Client(args.cluster, timeout="60s", security=security)
             except OSError as exc:
-                raise ClusterError(f"cannot reach a Dask scheduler at {args.cluster} ({exc}); check the address, or start one "
+                tls = (" (over TLS: the scheduler admits only certificates its CA signed; check --tls-ca-file and --tls-cert)"
+                       if security is not None else "")
+                raise ClusterError(f"cannot reach a Dask scheduler at {args.cluster} ({exc}){tls}; check the address, or start one "
                                    f"with `PYTHONPATH=/path/to/lcm-nodes dask scheduler` (see README, Scale-out)") from None
         else:
             cluster = local_cluster(args.workers)
@@ -366,9 +383,16 @@ def run_cluster(args: argparse.Namespace, comfy_args: list[str] | None = None) -
     return 1 if summary.failed else 0
 
 
+def _tls_files(args: argparse.Namespace) -> TLSFiles:
+    return TLSFiles(getattr(args, "tls_ca_file", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+
+
 def _job_from_args(args: argparse.Namespace, load_workflow, comfy_args: list[str]) -> tuple[Job, ServerSpec]:
     if args.workers is not None and args.cluster is not None:
         raise ClusterError("--workers and --cluster exclude each other: --workers starts a local cluster, --cluster joins one")
+    if args.cluster is not None:  # before anything touches the network or the disk
+        check_cluster_address(args.cluster, insecure=bool(getattr(args, "insecure_cluster", False)))
+    _tls_files(args).check(args.cluster)
     if args.workers is not None and args.workers < 1:
         raise ClusterError(f"--workers {args.workers}: give 1 or more")
     if not args.prompts:

@@ -103,10 +103,10 @@ def tiny_api(seed: int) -> dict:
     return api
 
 
-def driver_cmd(client, spec: ServerSpec, prompts: Path, out: Path) -> list[str]:
-    """`python -m lcm_tools run ... --cluster ADDRESS` for this module's cluster and settings (the same server spec)."""
+def driver_cmd(address: str, spec: ServerSpec, prompts: Path, out: Path) -> list[str]:
+    """`python -m lcm_tools run ... --cluster ADDRESS` with this module's settings (the same server spec)."""
     return [sys.executable, "-m", "lcm_tools", "run", WORKFLOW, "--prompts", str(prompts), "--output", str(out),
-            "--cluster", client.scheduler.address, "--comfyui", spec.comfy_path, "--base-dir", spec.base_directory,
+            "--cluster", address, "--comfyui", spec.comfy_path, "--base-dir", spec.base_directory,
             "--comfy-arg", "--disable-api-nodes", "--ckpt", CKPT, "--lora", LORA, "--width", "16", "--height", "16", "--steps", "1",
             "--prompt", TINY.prompt]
 
@@ -452,7 +452,7 @@ def test_an_interrupted_driver_resumes_with_only_the_missing_prompts(cluster, tm
     expected = twenty_prompts(tmp_path / "prompts.txt")
     out = tmp_path / "out"
     warm = server_pids(client, spec.plugin_name)
-    cmd = driver_cmd(client, spec, tmp_path / "prompts.txt", out)
+    cmd = driver_cmd(client.scheduler.address, spec, tmp_path / "prompts.txt", out)
     with open(tmp_path / "first.log", "w") as log:
         # two prompts in flight: slow enough that SIGINT lands mid-job, well before the 20th prompt
         first = subprocess.Popen(cmd + ["--in-flight", "2"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -588,7 +588,7 @@ def test_release_servers_stops_the_workers_comfyui_at_the_end(cluster, tmp_path)
     slots = client.run(lambda dask_worker: str(dask_worker.plugins[spec.plugin_name].server.slot))
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("a lighthouse at dusk\n" + json.dumps({"id": "two", "seed": 2}) + "\n")
-    r = subprocess.run(driver_cmd(client, spec, prompts, out) + ["--quiet", "--release-servers"], cwd=REPO, capture_output=True,
+    r = subprocess.run(driver_cmd(client.scheduler.address, spec, prompts, out) + ["--quiet", "--release-servers"], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 done, 0 failed, 0 skipped (already done), of 2 prompts" in r.stdout, r.stdout
